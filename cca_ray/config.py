@@ -1,0 +1,158 @@
+"""The one config object: typed sections loaded from YAML and validated once, at the edge.
+
+An unknown key, a wrong type or an out-of-range value fails with the file, the field and the
+allowed values. Defaults are the numbers of the method doc (../shared/docs/cca-method.md).
+Stages receive the section they need, not the whole config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN = "builtin"  # data.path / model.name value meaning "the project's own tiny world"
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; one line per bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(BUILTIN, min_length=1, description="HF hub id, local folder, or 'builtin'")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    architecture: str | None = Field(None, description="override the config's model_type")
+
+
+class DataConfig(_Section):
+    source: Literal["templates", "jsonl", "hub"] = "templates"
+    path: str = Field(BUILTIN, description="templates folder / JSONL file; 'builtin' = ours")
+    hub_config: Literal["main", "p1", "p2"] = "main"
+    instances_per_template: int = Field(50, ge=3, le=100_000)
+    split_ratios: tuple[float, float, float] = (0.52, 0.08, 0.40)
+    seed: int = Field(0, ge=0)
+    n_shots: int = Field(8, ge=0, le=8)
+    chat_template: bool = False
+    template_threshold: float = Field(0.8, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ratios(self) -> DataConfig:
+        if any(r <= 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1) > 1e-6:
+            raise ValueError(
+                f"split_ratios must be 3 positive numbers summing to 1 (e.g. [0.52, 0.08, 0.40]),"
+                f" got {list(self.split_ratios)}"
+            )
+        return self
+
+
+class SamplingConfig(_Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    n_samples: int = Field(10, ge=1, le=1000)
+    temperature: float = Field(1.0, gt=0, le=5)
+    max_new_tokens: int = Field(1500, ge=1, le=32_768)
+    batch_size: int = Field(16, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class LocalizeConfig(_Section):
+    method: Literal["prefix", "branching", "branching-batched", "branching-bisect"] = "prefix"
+    min_examples: int = Field(8, ge=1)
+
+
+class DCMConfig(_Section):
+    lambda_: float = Field(0.01, alias="lambda", ge=0, le=10)
+    lr: float = Field(5e-3, gt=0, le=1)
+    epochs: int = Field(50, ge=1, le=10_000)
+    batch_size: int = Field(8, ge=1)
+    lr_step_epochs: int = Field(5, ge=1)
+    lr_gamma: float = Field(0.9, gt=0, le=1)
+    early_stop_fraction: float = Field(0.2, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+
+
+class UpdateConfig(_Section):
+    lr: float = Field(1e-4, gt=0, le=10)
+    steps: int = Field(50, ge=1, le=100_000)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    micro_batch_size: int = Field(8, ge=1)
+    kinds: list[Literal["q", "k", "v", "mlp"]] = Field(default_factory=lambda: ["q", "k", "v", "mlp"])
+
+
+class EvaluationConfig(_Section):
+    max_new_tokens: int = Field(1500, ge=1, le=32_768)
+    general_tasks: list[str] = Field(default_factory=list)
+    num_fewshot: dict[str, int] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+
+
+class CCAConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    localize: LocalizeConfig = Field(default_factory=LocalizeConfig)
+    dcm: DCMConfig = Field(default_factory=DCMConfig)
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def _field_model(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The section model that owns the last key of an error location."""
+    model: Any = root
+    for part in loc[:-1]:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = next((f for n, f in model.model_fields.items()
+                      if part in (n, f.alias)), None)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(error: dict, root: type[BaseModel]) -> str:
+    loc = tuple(error["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        owner = _field_model(root, loc)
+        allowed = sorted(f.alias or n for n, f in owner.model_fields.items()) if owner else []
+        return f"{field}: unknown key; allowed keys here: {', '.join(allowed)}"
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{field}: {error['msg']}{got_text}"
+
+
+def parse_config(raw: Any, source: str = "<config>") -> CCAConfig:
+    """Validate a mapping (e.g. parsed YAML) into a CCAConfig, or raise ConfigError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, "
+                          f"got {type(raw).__name__}")
+    try:
+        return CCAConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: {_describe(e, CCAConfig)}" for e in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> CCAConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file (see tune_configs/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, str(path))
+
+
+def dump_config(config: CCAConfig) -> str:
+    """The config as YAML (aliases such as 'lambda' used), e.g. to store beside artifacts."""
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -1,0 +1,446 @@
+"""GSM-Symbolic template engine: parse annotated templates, draw variables, check conditions,
+render question and answer into rows of the hub's JSONL schema.
+
+A template (``question_annotated``) is the question with ``{var,default}`` placeholders, then
+``#init:`` assignments (``- $x = range(2, 10)``, ``- n = sample(names)``), ``#conditions:``
+(boolean expressions) and ``#answer: <expression>``. ``answer_annotated`` is the worked solution
+with ``{expression}`` placeholders, ending ``#### {answer}``. All expressions go through the
+whitelisted evaluator in ``safe_eval``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from cca_ray.data.answers import parse_gold
+from cca_ray.data.pools import POOLS
+from cca_ray.data.safe_eval import (
+    Labeled,
+    SafeEvaluator,
+    UnsafeExpressionError,
+    make_functions,
+    unwrap,
+)
+
+CANARY = "cca-ray generated GSM-Symbolic-style data; canary GUID 6b1f3c2e-cca0-4d1e-9a57-ray0data0001"
+SECTION = re.compile(r"^[ \t]*#(init|conditions|answer)[ \t]*[:=]", re.MULTILINE)
+QUESTION_SLOT = re.compile(r"\{([^{}]*)\}")
+IDENT = re.compile(r"[A-Za-z_]\w*$")
+DOLLAR_NAME = re.compile(r"\$(?=[A-Za-z_])")
+
+
+class TemplateError(ValueError):
+    """A template that cannot be parsed or instantiated; the message names template and line."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    targets: tuple[str, ...]
+    expression: str
+    draw: bool  # '$' prefix: a collection on the right means "draw one element"
+    line: str
+
+
+@dataclass
+class Template:
+    template_id: int | str
+    question: str  # the text part with {var,default} slots
+    assignments: list[Assignment]
+    conditions: list[str]
+    answer_expression: str  # '#answer:' or, if absent, the '####' expression of the solution
+    answer_annotated: str
+    source: str = ""
+    original_id: int | None = None
+    original_question: str = ""
+    original_answer: str = ""
+    slot_names: list[str] = field(default_factory=list)
+    # condition number (1-based) -> (drawn variable, expression it must equal)
+    solvable: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"template {self.template_id}" + (f" ({self.source})" if self.source else "")
+
+
+def parse_template(data: dict[str, Any], source: str = "") -> Template:
+    """Parse one template record (the GSM-Symbolic JSON layout) into a Template."""
+    where = source or str(data.get("id_shuffled", "?"))
+    for key in ("question_annotated", "answer_annotated"):
+        if not isinstance(data.get(key), str):
+            raise TemplateError(f"{where}: missing or non-text field {key!r}")
+    text = data["question_annotated"]
+    matches = list(SECTION.finditer(text))
+    if not matches or matches[0].group(1) != "init":
+        raise TemplateError(f"{where}: question_annotated has no '#init:' section")
+    sections: dict[str, str] = {}
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        sections[m.group(1)] = text[m.end() : end]
+    question = text[: matches[0].start()].strip()
+
+    assignments = [_parse_assignment(line, where) for line in _bullets(sections["init"])]
+    conditions = [DOLLAR_NAME.sub("", c) for c in _bullets(sections.get("conditions", ""))]
+    answer_expr = DOLLAR_NAME.sub("", sections.get("answer", "").strip())
+    if answer_expr.startswith("{") and answer_expr.endswith("}"):
+        answer_expr = answer_expr[1:-1].strip()
+    solution = data["answer_annotated"]
+    if not answer_expr:
+        if "####" not in solution:
+            raise TemplateError(f"{where}: no '#answer:' section and no '####' in answer_annotated")
+        answer_expr = solution.rsplit("####", 1)[1].strip().strip("{}").strip()
+
+    slots = []
+    for m in QUESTION_SLOT.finditer(question):
+        name = m.group(1).split(",", 1)[0].strip()
+        if not IDENT.match(name):
+            raise TemplateError(f"{where}: question slot {{{m.group(1)}}} does not start with a name")
+        slots.append(name)
+    defined = {t for a in assignments for t in a.targets}
+    missing = sorted(set(slots) - defined)
+    if missing:
+        raise TemplateError(f"{where}: question slots {missing} have no '#init:' assignment")
+
+    template_id = data.get("id", data.get("id_shuffled", Path(source).stem if source else "?"))
+    if isinstance(template_id, str) and template_id.isdigit():
+        template_id = int(template_id)
+    return Template(
+        template_id=template_id,
+        question=question,
+        assignments=assignments,
+        conditions=conditions,
+        answer_expression=answer_expr,
+        answer_annotated=solution,
+        source=source,
+        original_id=data.get("id_orig"),
+        original_question=data.get("question", ""),
+        original_answer=data.get("answer", ""),
+        slot_names=slots,
+        solvable=_solvable_equalities(assignments, conditions),
+    )
+
+
+def _solvable_equalities(
+    assignments: list[Assignment], conditions: list[str]
+) -> dict[int, tuple[str, str]]:
+    """Conditions 'x == expr' (either side) where x is a single drawn variable no other
+    assignment reads, and expr does not mention x."""
+    drawn = {a.targets[0]: i for i, a in enumerate(assignments) if a.draw and len(a.targets) == 1}
+    out: dict[int, tuple[str, str]] = {}
+    for number, condition in enumerate(conditions, 1):
+        try:
+            node = ast.parse(condition.strip(), mode="eval").body
+        except SyntaxError:
+            continue  # reported when the condition is evaluated
+        if not (isinstance(node, ast.Compare) and len(node.ops) == 1
+                and isinstance(node.ops[0], ast.Eq)):
+            continue
+        for side, other in ((node.left, node.comparators[0]), (node.comparators[0], node.left)):
+            if not isinstance(side, ast.Name) or side.id not in drawn:
+                continue
+            name = side.id
+            later = assignments[drawn[name] + 1 :]
+            other_names = {n.id for n in ast.walk(other) if isinstance(n, ast.Name)}
+            if name in other_names or any(_mentions(a.expression, name) for a in later):
+                continue
+            if any(name == s for s, _ in out.values()):
+                continue
+            out[number] = (name, ast.unparse(other))
+            break
+    return out
+
+
+def _mentions(expression: str, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", expression) is not None
+
+
+def _bullets(section: str) -> list[str]:
+    lines = []
+    for raw in section.splitlines():
+        line = raw.strip()
+        if line.startswith("-"):
+            lines.append(line[1:].strip())
+        elif line and lines:  # a continuation of the previous bullet
+            lines[-1] += " " + line
+    return lines
+
+
+def _parse_assignment(line: str, where: str) -> Assignment:
+    if "=" not in line:
+        raise TemplateError(f"{where}: '#init:' line is not an assignment: {line!r}")
+    left, expression = line.split("=", 1)
+    draw = left.strip().startswith("$")
+    targets = tuple(t.strip().lstrip("$").strip() for t in left.split(","))
+    for t in targets:
+        if not IDENT.match(t) or t.startswith("__"):
+            raise TemplateError(f"{where}: bad variable name {t!r} in {line!r}")
+    return Assignment(targets, expression.strip(), draw, line)
+
+
+def load_templates(path: str | Path) -> list[Template]:
+    """Templates from a folder of *.json files (one template each) or a JSONL file of them."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise TemplateError(f"{path}: no *.json template files in this folder")
+        return [parse_template(json.loads(f.read_text(encoding="utf-8")), str(f)) for f in files]
+    if path.is_file():
+        out = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                out.append(parse_template(json.loads(line), f"{path}:{i}"))
+        return out
+    raise TemplateError(f"{path}: no such template folder or file")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def format_value(value: Any) -> str:
+    """How a value reads in text: 12 not 12.0, 0.3 not 0.30000000000000004, 'half' for Labeled."""
+    if isinstance(value, Labeled):
+        return value.text
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, Fraction):
+        if value.denominator == 1:
+            return str(value.numerator)
+        d = value.denominator
+        while d % 2 == 0:
+            d //= 2
+        while d % 5 == 0:
+            d //= 5
+        return format_value(float(value)) if d == 1 else f"{value.numerator}/{value.denominator}"
+    if isinstance(value, float):
+        if value == round(value) and abs(value) < 1e15:
+            return str(int(round(value)))
+        return f"{value:.6f}".rstrip("0").rstrip(".")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+@dataclass
+class Instance:
+    """One instantiated problem: the JSONL row and the variables that made it."""
+
+    row: dict[str, Any]
+    variables: dict[str, Any]
+    answer_value: Any
+
+
+@dataclass
+class InstantiationResult:
+    template: Template
+    instances: list[Instance]
+    tries: int
+    rejections: Counter  # reason -> count
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class TemplateEngine:
+    """Draws instances of templates with a seeded RNG per template."""
+
+    def __init__(self, seed: int = 0, max_tries_per_instance: int = 2_000,
+                 min_tries: int = 20_000, pools: dict[str, list] | None = None):
+        self.seed = seed
+        self.max_tries_per_instance = max_tries_per_instance
+        self.min_tries = min_tries
+        self.pools = POOLS if pools is None else pools
+
+    def draw(self, template: Template, rng: random.Random) -> tuple[dict[str, Any] | None, str]:
+        """One attempt: variables satisfying every condition, or (None, reason for rejection).
+
+        A condition ``x == expr`` whose side ``x`` is a drawn variable that no later line reads
+        is solved instead of hoped for: x takes expr's value when that value is in x's domain,
+        else the attempt is rejected. For a uniform domain this is exactly the distribution of
+        rejection sampling, without the thousands of wasted draws of tight equalities.
+        """
+        evaluator = SafeEvaluator({**self.pools}, make_functions(rng))
+        variables = evaluator.variables
+        domains: dict[str, list | range] = {}
+        for a in template.assignments:
+            value = self._evaluate(evaluator, a.expression, template, f"#init: {a.line}")
+            if a.draw and isinstance(value, (list, range)):
+                if len(value) == 0:
+                    raise TemplateError(f"{template.name}: '{a.line}' draws from an empty range")
+                if len(a.targets) == 1:
+                    domains[a.targets[0]] = value
+                value = rng.choice(value)
+            if len(a.targets) > 1:
+                if not isinstance(value, (list, tuple)) or len(value) != len(a.targets):
+                    raise TemplateError(
+                        f"{template.name}: '{a.line}' gives {value!r}, "
+                        f"which does not unpack into {len(a.targets)} names"
+                    )
+                values = [_labeled(v) for v in value]
+            else:
+                values = [_labeled(value)]
+            variables.update(zip(a.targets, values))
+        for i, (name, expression) in template.solvable.items():
+            if name not in domains:
+                continue
+            try:
+                target = unwrap(self._evaluate(evaluator, expression, template, "#conditions"))
+            except ZeroDivisionError:
+                return None, f"condition {i} divides by zero: {template.conditions[i - 1]}"
+            match = [v for v in domains[name] if unwrap(v) == target][:1]
+            if not match:
+                return None, f"condition {i} is false: {template.conditions[i - 1]}"
+            variables[name] = _labeled(match[0])
+        for i, condition in enumerate(template.conditions, 1):
+            try:
+                holds = self._evaluate(evaluator, condition, template, f"#conditions: {condition}")
+            except ZeroDivisionError:
+                return None, f"condition {i} divides by zero: {condition}"
+            if not holds:
+                return None, f"condition {i} is false: {condition}"
+        assigned = {t for a in template.assignments for t in a.targets}
+        return {k: v for k, v in variables.items() if k in assigned}, ""
+
+    def render(self, template: Template, variables: dict[str, Any], instance: int) -> Instance:
+        """The JSONL row for variables that satisfy the conditions."""
+        evaluator = SafeEvaluator({**self.pools, **variables}, make_functions(random.Random(0)))
+
+        def slot(m: re.Match) -> str:
+            return format_value(variables[m.group(1).split(",", 1)[0].strip()])
+
+        question = QUESTION_SLOT.sub(slot, template.question)
+
+        def expr(m: re.Match) -> str:
+            value = self._evaluate(evaluator, m.group(1), template, "answer_annotated")
+            if isinstance(value, Labeled) and _in_arithmetic(template.answer_annotated, m):
+                value = value.value  # '5 / {sides} =' wants 6, 'a {sides} die' wants 'six-sided'
+            return format_value(value)
+
+        answer = QUESTION_SLOT.sub(expr, template.answer_annotated).strip()
+        value = unwrap(self._evaluate(evaluator, template.answer_expression, template, "#answer"))
+        if "####" not in answer:
+            answer += f"\n#### {format_value(value)}"
+        row = {
+            "id": template.template_id,
+            "instance": instance,
+            "question": question,
+            "answer": answer,
+            "original_id": template.original_id,
+            "original_question": template.original_question,
+            "original_answer": template.original_answer,
+            "canary": CANARY,
+        }
+        return Instance(row=row, variables=variables, answer_value=value)
+
+    def instantiate(self, template: Template, n: int) -> InstantiationResult:
+        """n distinct instances of one template, or an error saying why it could not."""
+        rng = random.Random(f"{self.seed}/{template.template_id}")
+        instances: list[Instance] = []
+        seen: set[str] = set()
+        rejections: Counter = Counter()
+        budget = max(self.min_tries, self.max_tries_per_instance * n)
+        tries = 0
+        try:
+            while len(instances) < n and tries < budget:
+                tries += 1
+                variables, reason = self.draw(template, rng)
+                if variables is None:
+                    rejections[reason] += 1
+                    continue
+                try:
+                    inst = self.render(template, variables, len(instances))
+                except ZeroDivisionError:
+                    rejections["solution divides by zero"] += 1
+                    continue
+                problem = _consistency_problem(inst)
+                if problem:
+                    rejections[problem] += 1
+                    continue
+                if inst.row["question"] in seen:
+                    rejections["duplicate question"] += 1
+                    continue
+                seen.add(inst.row["question"])
+                instances.append(inst)
+        except (TemplateError, UnsafeExpressionError) as exc:
+            return InstantiationResult(template, instances, tries, rejections, str(exc))
+        error = None
+        inconsistent = rejections[_INCONSISTENT]
+        if len(instances) < n and inconsistent and inconsistent == sum(
+            c for r, c in rejections.items() if not r.startswith("condition")
+        ) and not instances:
+            error = (
+                f"{template.name}: every draw that met the conditions ({inconsistent}) gave a "
+                f"'####' number different from '#answer: {template.answer_expression}'; the "
+                f"template's #answer and its worked solution disagree, fix one of them"
+            )
+        elif len(instances) < n:
+            top = "; ".join(f"{r} ({c}x)" for r, c in rejections.most_common(3))
+            error = (
+                f"{template.name}: only {len(instances)} of {n} instances after {tries} tries "
+                f"(conditions unsatisfiable or too few distinct values). Most frequent "
+                f"rejections: {top or 'none'}"
+            )
+        return InstantiationResult(template, instances, tries, rejections, error)
+
+    @staticmethod
+    def _evaluate(evaluator: SafeEvaluator, source: str, template: Template, where: str) -> Any:
+        try:
+            return evaluator.evaluate(source)
+        except UnsafeExpressionError as exc:
+            raise UnsafeExpressionError(f"{template.name}: {where}: {exc}") from None
+
+
+_OPERATORS = set("*/+-=÷×<>()")
+
+
+def _in_arithmetic(text: str, m: re.Match) -> bool:
+    """Whether a solution placeholder sits in arithmetic: next to an operator, or in <<...>>."""
+    before, after = text[: m.start()].rstrip(), text[m.end() :].lstrip()
+    if (before and before[-1] in _OPERATORS) or (after and after[0] in _OPERATORS):
+        return True
+    if after.startswith("times") or after.startswith("time(s)"):
+        return True
+    return before.rfind("<<") > before.rfind(">>")
+
+
+def _labeled(value: Any) -> Any:
+    """(text, number) pairs from pools become Labeled: text in questions, number in arithmetic."""
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], (str, int))
+        and isinstance(value[1], (int, float, Fraction))
+        and not isinstance(value[1], bool)
+    ):
+        return Labeled(str(value[0]), value[1])
+    return value
+
+
+_INCONSISTENT = "'####' number differs from #answer"
+
+
+def _consistency_problem(inst: Instance) -> str:
+    """Why a rendered instance is unusable ('' if fine): slots left, or '####' != #answer."""
+    if QUESTION_SLOT.search(inst.row["question"]):
+        return "placeholder left in question"
+    try:
+        gold = parse_gold(inst.row["answer"])
+    except ValueError:
+        return "no number after '####'"
+    value = inst.answer_value
+    if not isinstance(value, (int, float, Fraction)) or isinstance(value, bool):
+        return "#answer is not a number"
+    if abs(gold - float(value)) > 1e-6 * max(1.0, abs(float(value))):
+        return _INCONSISTENT
+    return ""
