@@ -285,6 +285,10 @@ class SafeEvaluator:
                 f"expression is {len(source)} characters long (limit {MAX_SOURCE_CHARS})"
             )
         tree = _parse(source)
+        for node in ast.walk(tree):  # name the worst offence first, before evaluating anything
+            name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+            if isinstance(name, str) and name.startswith("__"):
+                raise UnsafeExpressionError(f"dunder names are not allowed ({name!r})")
         self._steps = 0
         self._deadline = time.monotonic() + MAX_SECONDS
         return self._eval(tree.body)
@@ -339,7 +343,7 @@ class SafeEvaluator:
             return result
         if isinstance(node, ast.Compare):
             left = unwrap(self._eval(node.left))
-            for op, comp in zip(node.ops, node.comparators):
+            for op, comp in zip(node.ops, node.comparators, strict=True):
                 right = unwrap(self._eval(comp))
                 if type(op) not in _CMPOPS:
                     raise UnsafeExpressionError(f"comparison {type(op).__name__} is not allowed")
@@ -441,6 +445,7 @@ class SafeEvaluator:
     def _call(self, node: ast.Call) -> Any:
         name = node.func.id if isinstance(node.func, ast.Name) else dotted_name(node.func)
         if name is None:
+            self._eval(node.func)  # raises the precise refusal (lambda, attribute access, ...)
             raise UnsafeExpressionError("only named helper functions may be called")
         if name.split(".")[0].startswith("__") or "__" in name:
             raise UnsafeExpressionError(f"dunder names are not allowed ({name!r})")

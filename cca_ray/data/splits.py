@@ -53,7 +53,7 @@ def split_problems(problems: list[Problem], ratios: tuple[float, float, float] =
             )
         random.Random(f"{seed}/{template_id}").shuffle(group)
         start = 0
-        for part, count in zip(parts, counts):
+        for part, count in zip(parts, counts, strict=True):
             part.extend(group[start : start + count])
             start += count
     return Splits(*parts)

@@ -256,8 +256,10 @@ class TemplateEngine:
     """Draws instances of templates with a seeded RNG per template."""
 
     def __init__(self, seed: int = 0, max_tries_per_instance: int = 2_000,
-                 min_tries: int = 20_000, pools: dict[str, list] | None = None):
+                 min_tries: int = 20_000, pools: dict[str, list] | None = None,
+                 solve_equalities: bool = True):
         self.seed = seed
+        self.solve_equalities = solve_equalities
         self.max_tries_per_instance = max_tries_per_instance
         self.min_tries = min_tries
         self.pools = POOLS if pools is None else pools
@@ -290,9 +292,9 @@ class TemplateEngine:
                 values = [_labeled(v) for v in value]
             else:
                 values = [_labeled(value)]
-            variables.update(zip(a.targets, values))
+            variables.update(zip(a.targets, values, strict=True))
         for i, (name, expression) in template.solvable.items():
-            if name not in domains:
+            if name not in domains or not self.solve_equalities:
                 continue
             try:
                 target = unwrap(self._evaluate(evaluator, expression, template, "#conditions"))

@@ -1,0 +1,74 @@
+"""The `cca-ray` command line, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cca_ray.data.gsm_symbolic import load_jsonl
+
+CLI = Path(sys.executable).parent / "cca-ray"
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_help_lists_the_commands():
+    out = run("--help").stdout
+    for command in ("demo", "data", "config"):
+        assert command in out
+    assert "instantiate" in run("data", "--help").stdout
+
+
+def test_instantiate_and_split_builtin(tmp_path):
+    out = tmp_path / "p.jsonl"
+    proc = run("data", "instantiate", "--templates", "builtin", "--per-template", "10",
+               "--seed", "5", "--out", str(out), "--quiet")
+    assert "instantiated 8/8 templates, 80 problems" in proc.stdout
+    problems = load_jsonl(out)
+    assert len(problems) == 80
+    proc = run("data", "split", "--input", str(out), "--out", str(tmp_path / "s"))
+    assert "train: 40 problems over 8 templates" in proc.stdout  # round(10 * 0.52) = 5 each
+    assert len(load_jsonl(tmp_path / "s" / "test.jsonl")) == 32
+
+
+def test_instantiate_shared_templates_reports_failures(tmp_path, shared_templates_dir):
+    out = tmp_path / "gsym.jsonl"
+    proc = run("data", "instantiate", "--templates", str(shared_templates_dir),
+               "--per-template", "50", "--seed", "0", "--out", str(out), "--quiet")
+    ok = int(proc.stdout.split("instantiated ")[1].split("/")[0])
+    assert ok >= 95
+    assert proc.stderr.count("FAILED") == 100 - ok
+    assert len(load_jsonl(out)) == ok * 50
+
+
+def test_bad_input_gives_a_clear_error_and_exit_code(tmp_path):
+    proc = run("data", "instantiate", "--templates", str(tmp_path / "nope"), "--out",
+               str(tmp_path / "x.jsonl"), check=False)
+    assert proc.returncode == 2 and "no such template folder" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dcm:\n  lr: -1\n")
+    proc = run("config", "check", str(bad), check=False)
+    assert proc.returncode == 2 and "dcm.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config", [None, "tune_configs/default.yaml"])
+def test_demo_runs_the_data_stage_end_to_end(tmp_path, config):
+    args = ["demo", "--out", str(tmp_path / "demo")]
+    if config:
+        args += ["--config", str(Path(__file__).resolve().parents[1] / config)]
+    run(*args)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["templates"] == 8 and summary["problems"] == 400
+    assert summary["splits"] == {"train": 208, "val": 32, "test": 160}
+    assert summary["reference_solution_macro_accuracy"] == 1.0
+    prompt = (tmp_path / "demo" / "prompt_example.txt").read_text()
+    assert prompt.rstrip().endswith("A: Let's think step by step.")
