@@ -18,21 +18,12 @@ def _templates_path(path: str) -> Path:
 
 def cmd_instantiate(args: argparse.Namespace) -> int:
     """Instantiate templates into hub-schema JSONL; report successes and why any failed."""
-    from tqdm import tqdm
-
-    from cca_ray.data.gsm_symbolic import Problem, write_problems
-    from cca_ray.data.templates import TemplateEngine, load_templates
+    from cca_ray.data.gsm_symbolic import write_problems
+    from cca_ray.data.templates import instantiate_templates, load_templates
 
     templates = load_templates(_templates_path(args.templates))
-    engine = TemplateEngine(seed=args.seed, max_tries_per_instance=args.max_tries_per_instance)
-    problems, failures = [], []
-    for template in tqdm(templates, desc="instantiating templates", unit="template",
-                         disable=args.quiet):
-        result = engine.instantiate(template, args.per_template)
-        if result.ok:
-            problems += [Problem(**inst.row) for inst in result.instances]
-        else:
-            failures.append(result.error)
+    problems, failures = instantiate_templates(
+        templates, args.per_template, args.seed, args.max_tries_per_instance, not args.quiet)
     if problems:
         write_problems(problems, args.out)
     ok = len(templates) - len(failures)
@@ -68,14 +59,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The data stage of the default run, end to end: templates -> instances -> splits ->
     prompts -> answer checking of the reference solutions. Writes DIR/summary.json."""
-    from tqdm import tqdm
-
     from cca_ray.config import CCAConfig, load_config
     from cca_ray.data.answers import is_correct, macro_accuracy
-    from cca_ray.data.gsm_symbolic import Problem, load_jsonl, write_problems
+    from cca_ray.data.gsm_symbolic import load_jsonl, write_problems
     from cca_ray.data.prompts import build_prompt, solution_to_cot
     from cca_ray.data.splits import split_problems, write_splits
-    from cca_ray.data.templates import TemplateEngine, load_templates
+    from cca_ray.data.templates import instantiate_templates, load_templates
     from cca_ray.io import write_json
 
     start = time.perf_counter()
@@ -84,14 +73,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if data.source == "templates":
         templates = load_templates(_templates_path(data.path))
-        engine = TemplateEngine(seed=data.seed)
-        problems = []
-        for template in tqdm(templates, desc="instantiating templates", unit="template"):
-            result = engine.instantiate(template, data.instances_per_template)
-            if not result.ok:
-                print(f"skipping {result.error}", file=sys.stderr)
-                continue
-            problems += [Problem(**inst.row) for inst in result.instances]
+        problems, failures = instantiate_templates(templates, data.instances_per_template, data.seed)
+        for reason in failures:
+            print(f"skipping {reason}", file=sys.stderr)
         write_problems(problems, out / "problems.jsonl")
     elif data.source == "jsonl":
         problems = load_jsonl(data.path)

@@ -446,3 +446,23 @@ def _consistency_problem(inst: Instance) -> str:
     if abs(gold - float(value)) > 1e-6 * max(1.0, abs(float(value))):
         return _INCONSISTENT
     return ""
+
+
+def instantiate_templates(templates: list[Template], per_template: int, seed: int = 0,
+                          max_tries_per_instance: int = 2_000, progress: bool = True):
+    """Instantiate every template: (problems of the ones that succeeded, failure messages)."""
+    from tqdm import tqdm
+
+    from cca_ray.data.gsm_symbolic import Problem
+
+    engine = TemplateEngine(seed=seed, max_tries_per_instance=max_tries_per_instance)
+    problems: list[Problem] = []
+    failures: list[str] = []
+    for template in tqdm(templates, desc="instantiating templates", unit="template",
+                         disable=not progress):
+        result = engine.instantiate(template, per_template)
+        if result.ok:
+            problems += [Problem(**inst.row) for inst in result.instances]
+        else:
+            failures.append(result.error)
+    return problems, failures
