@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from cca_ray.data.gsm_symbolic import load_jsonl
+from cca_ray.data.splits import split_counts
 
 CLI = Path(sys.executable).parent / "cca-ray"
+BUILTIN = len(list((Path(__file__).resolve().parents[1] / "cca_ray/tiny/templates").glob("*.json")))
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -32,12 +34,12 @@ def test_instantiate_and_split_builtin(tmp_path):
     out = tmp_path / "p.jsonl"
     proc = run("data", "instantiate", "--templates", "builtin", "--per-template", "10",
                "--seed", "5", "--out", str(out), "--quiet")
-    assert "instantiated 8/8 templates, 80 problems" in proc.stdout
+    assert f"instantiated {BUILTIN}/{BUILTIN} templates, {BUILTIN * 10} problems" in proc.stdout
     problems = load_jsonl(out)
-    assert len(problems) == 80
+    assert len(problems) == BUILTIN * 10
     proc = run("data", "split", "--input", str(out), "--out", str(tmp_path / "s"))
-    assert "train: 40 problems over 8 templates" in proc.stdout  # round(10 * 0.52) = 5 each
-    assert len(load_jsonl(tmp_path / "s" / "test.jsonl")) == 32
+    assert f"train: {BUILTIN * 5} problems over {BUILTIN} templates" in proc.stdout  # 5/1/4 of 10
+    assert len(load_jsonl(tmp_path / "s" / "test.jsonl")) == BUILTIN * 4
 
 
 def test_instantiate_shared_templates_reports_failures(tmp_path, shared_templates_dir):
@@ -67,8 +69,10 @@ def test_demo_runs_the_data_stage_end_to_end(tmp_path, config):
         args += ["--config", str(Path(__file__).resolve().parents[1] / config)]
     run(*args)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["templates"] == 8 and summary["problems"] == 400
-    assert summary["splits"] == {"train": 208, "val": 32, "test": 160}
+    assert summary["templates"] == BUILTIN and summary["problems"] == BUILTIN * 50
+    train, val, test = split_counts(50, (0.52, 0.08, 0.40))
+    assert summary["splits"] == {"train": BUILTIN * train, "val": BUILTIN * val,
+                                 "test": BUILTIN * test}
     assert summary["reference_solution_macro_accuracy"] == 1.0
     prompt = (tmp_path / "demo" / "prompt_example.txt").read_text()
     assert prompt.rstrip().endswith("A: Let's think step by step.")

@@ -1,0 +1,210 @@
+"""`cca-ray tiny build`: the built-in world end to end, on CPU, in a fixed number of steps.
+
+Templates -> instances and per-template splits -> training texts (never a val/test question:
+deduplicated by question text) + the general corpus -> tokenizer -> tiny Llama -> training ->
+greedy GSym accuracy and the local lm-eval tasks -> an HF folder with build_report.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cca_ray.data.answers import is_correct, macro_accuracy, per_template_accuracy
+from cca_ray.data.gsm_symbolic import Problem
+from cca_ray.data.prompts import build_prompt, solution_to_cot
+from cca_ray.data.splits import Splits, split_problems
+from cca_ray.data.templates import Template, instantiate_templates, load_templates
+from cca_ray.io import write_json
+from cca_ray.tiny.model import TinySpec, make_model, train
+from cca_ray.tiny.tokenizer import train_tokenizer
+from cca_ray.tiny.world import CHANCE, make_world, training_texts, write_eval_tasks
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+N_SHOTS = 0  # the tiny model is trained and prompted zero-shot (the 8 exemplars' words are
+#              outside its world); the prompt is still the data layer's, with n_shots=0.
+THRESHOLD = 0.8
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    seed: int = 0
+    spec: TinySpec = field(default_factory=TinySpec)
+    instances_per_template: int = 200  # 200 x 0.40 x 32 templates = 2,560 test problems
+    train_pool_per_template: int = 1500  # fresh training instances (val/test ones removed)
+    world_countries: int = 30
+    eval_max_new_tokens: int = 160
+    eval_batch_size: int = 64
+
+    def key(self) -> str:
+        """Cache key: these settings plus the exact template files and world code."""
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        for f in sorted(TEMPLATES_DIR.glob("*.json")):
+            h.update(f.name.encode() + f.read_bytes())
+        for module in ("world.py", "tokenizer.py", "model.py", "build.py"):
+            h.update((Path(__file__).parent / module).read_bytes())
+        return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("CCA_RAY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cca-ray")
+    return Path(base)
+
+
+def default_model_dir(settings: BuildSettings) -> Path:
+    return cache_root() / "tiny" / settings.key()
+
+
+def is_built(path: Path) -> bool:
+    return (path / "build_report.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def held_out_ids(templates: list[Template]) -> set:
+    out = set()
+    for t in templates:
+        if json.loads(Path(t.source).read_text()).get("held_out", False):
+            out.add(t.template_id)
+    return out
+
+
+def world_data(settings: BuildSettings, progress: bool = True):
+    """(templates, held-out ids, eval splits, training problems) with no val/test leakage."""
+    templates = load_templates(TEMPLATES_DIR)
+    held_out = held_out_ids(templates)
+    problems, failures = instantiate_templates(templates, settings.instances_per_template,
+                                               settings.seed, progress=progress)
+    if failures:
+        raise RuntimeError("built-in templates failed to instantiate:\n" + "\n".join(failures))
+    splits = split_problems(problems, seed=settings.seed)
+    protected = {p.question for p in splits.val + splits.test}
+    protected |= {p.question for p in problems if p.id in held_out}
+    seen = [t for t in templates if t.template_id not in held_out]
+    pool, failures = instantiate_templates(seen, settings.train_pool_per_template,
+                                           settings.seed + 10_000, progress=progress)
+    if failures:
+        raise RuntimeError("built-in templates failed to instantiate:\n" + "\n".join(failures))
+    train_problems = [p for p in splits.train if p.id not in held_out]
+    known = {p.question for p in train_problems}
+    for p in pool:
+        if p.question not in protected and p.question not in known:
+            train_problems.append(p)
+            known.add(p.question)
+    return templates, held_out, splits, train_problems
+
+
+def math_text(p: Problem) -> str:
+    """A training sequence: exactly the evaluation prompt, then the reference chain of thought."""
+    return f"{build_prompt(p.question, N_SHOTS)} {solution_to_cot(p.answer)}"
+
+
+def greedy_correct(model, tokenizer, problems: list[Problem], settings: BuildSettings,
+                   progress: bool = True, desc: str = "greedy eval") -> dict[tuple, bool]:
+    """(id, instance) -> whether the greedy completion's answer is right."""
+    from cca_ray.sampling.hf import HFSampler
+
+    sampler = HFSampler(model, tokenizer, batch_size=settings.eval_batch_size,
+                        max_new_tokens=settings.eval_max_new_tokens, progress=progress)
+    prompts = [build_prompt(p.question, N_SHOTS) for p in problems]
+    outs = sampler.generate(prompts, desc=desc)
+    return {p.key: is_correct(o[0].text, p.gold) for p, o in zip(problems, outs, strict=True)}
+
+
+def general_scores(model, tokenizer, tasks_dir: Path, batch_size: int = 32) -> dict:
+    """The three local lm-eval tasks on the in-memory model: score and standard error."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=512)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=["tinyworld_mmlu", "tinyworld_trivia", "tinyworld_truthful"],
+        task_manager=TaskManager(include_path=str(tasks_dir)), num_fewshot=0,
+        log_samples=False, verbosity="ERROR")
+    out = {}
+    for name, metrics in results["results"].items():
+        key = next(k for k in metrics if not k.endswith("_stderr,none") and k.endswith(",none")
+                   and k.split(",")[0] in ("acc", "exact_match"))
+        out[name] = {"score": metrics[key], "stderr": metrics[key.replace(",", "_stderr,", 1)],
+                     "metric": key.split(",")[0], "chance": CHANCE[name]}
+    return out
+
+
+def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
+          progress: bool = True, force: bool = False) -> Path:
+    """Build the tiny model into out_dir (default: the cache folder keyed by the settings)."""
+    settings = settings or BuildSettings()
+    out = Path(out_dir) if out_dir else default_model_dir(settings)
+    if is_built(out) and not force:
+        return out
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    start = time.perf_counter()
+    templates, held_out, splits, train_problems = world_data(settings, progress)
+    world = make_world(settings.seed, settings.world_countries)
+    general = training_texts(world, settings.seed)
+    texts = [math_text(p) for p in train_problems] + general
+    all_problems = splits.train + splits.val + splits.test
+    vocabulary_texts = texts + [math_text(p) for p in all_problems]
+    tokenizer = train_tokenizer(vocabulary_texts)
+    model = make_model(settings.spec, tokenizer, settings.seed)
+    train_start = time.perf_counter()
+    losses = train(model, tokenizer, texts, settings.spec, settings.seed, progress)
+    train_seconds = time.perf_counter() - train_start
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tasks_dir = write_eval_tasks(world, tmp, settings.seed)
+    report = evaluate_world(model, tokenizer, splits, held_out, settings, tasks_dir, progress)
+    report.update({
+        "train_seconds": round(train_seconds, 1),
+        "build_seconds": None,
+        "train_problems": len(train_problems),
+        "train_general_texts": len(general),
+        "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "settings": asdict(settings),
+        "templates": {"seen": sorted(str(t.template_id) for t in templates
+                                     if t.template_id not in held_out),
+                      "held_out": sorted(str(t) for t in held_out)},
+        "prompt": {"n_shots": N_SHOTS},
+    })
+    report["build_seconds"] = round(time.perf_counter() - start, 1)
+    write_json(report, tmp / "build_report.json")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the folder appears whole or not at all
+    # the task YAMLs hold absolute data paths: rewrite them for the final location
+    write_eval_tasks(world, out, settings.seed)
+    return out
+
+
+def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: BuildSettings,
+                   tasks_dir: Path, progress: bool = True) -> dict:
+    """Greedy accuracy (test split, seen vs held-out templates; train+val per template for the
+    template filter) and the general tasks."""
+    test_correct = greedy_correct(model, tokenizer, splits.test, settings, progress, "test")
+    seen_test = [(p.id, test_correct[p.key]) for p in splits.test if p.id not in held_out]
+    held_test = [(p.id, test_correct[p.key]) for p in splits.test if p.id in held_out]
+    trainval = [p for p in splits.train + splits.val if p.id not in held_out]
+    tv_correct = greedy_correct(model, tokenizer, trainval, settings, progress, "train+val")
+    tv_acc = per_template_accuracy((p.id, tv_correct[p.key]) for p in trainval)
+    return {
+        "test_accuracy_seen_templates": macro_accuracy(seen_test),
+        "test_accuracy_held_out_templates": macro_accuracy(held_test) if held_test else None,
+        "test_problems": len(splits.test),
+        "per_template_test_accuracy": {str(k): v for k, v in
+                                       per_template_accuracy(seen_test + held_test).items()},
+        "per_template_trainval_accuracy": {str(k): v for k, v in tv_acc.items()},
+        "templates_below_threshold": sorted(str(t) for t, a in tv_acc.items() if a < THRESHOLD),
+        "threshold": THRESHOLD,
+        "general": general_scores(model, tokenizer, tasks_dir),
+    }

@@ -1,0 +1,104 @@
+"""The built-in model: a tiny Llama (grouped-query attention, head_dim 32 for vLLM's CPU
+attention) and the loop that trains it on CPU with a fixed step count."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Architecture and training settings of the built-in model (part of its cache key)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    max_positions: int = 512
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+
+
+def make_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama for this tokenizer."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+def _lr_at(step: int, spec: TinySpec) -> float:
+    """Linear warmup then cosine decay to 0 (the annealing matters for accuracy)."""
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return spec.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str],
+          spec: TinySpec, seed: int, progress: bool = True) -> list[float]:
+    """Train on texts (each ends with EOS) for spec.steps steps; returns the loss curve."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoded = [tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+               for t in texts]
+    too_long = [len(e) for e in encoded if len(e) > spec.max_positions]
+    if too_long:
+        raise ValueError(f"{len(too_long)} training texts exceed {spec.max_positions} tokens "
+                         f"(longest {max(too_long)}); shorten them or raise max_positions")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
+                                  weight_decay=spec.weight_decay)
+    pad = tokenizer.pad_token_id
+    order: list[int] = []
+    losses = []
+    model.train()
+    bar = tqdm(range(spec.steps), desc="training tiny model", unit="step", disable=not progress)
+    for step in bar:
+        if len(order) < spec.batch_size:
+            fresh = list(range(len(encoded)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch = [encoded[i] for i in order[: spec.batch_size]]
+        del order[: spec.batch_size]
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, spec)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    model.eval()
+    return losses
