@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_build(args: argparse.Namespace) -> int:
+    """Build the built-in tiny model; the folder's path is the last line printed."""
+    from dataclasses import replace
+
+    from cca_ray.tiny.build import BuildSettings, build, default_model_dir, is_built
+
+    settings = BuildSettings(seed=args.seed)
+    if args.steps:
+        settings = replace(settings, spec=replace(settings.spec, steps=args.steps))
+    out = Path(args.out) if args.out else default_model_dir(settings)
+    if is_built(out) and not args.force:
+        print(f"already built (use --force to rebuild): {out / 'build_report.json'}")
+    else:
+        build(out, settings, progress=not args.quiet, force=True)
+    report = json.loads((out / "build_report.json").read_text())
+    seen, held = report["test_accuracy_seen_templates"], report["test_accuracy_held_out_templates"]
+    print(f"greedy test accuracy: seen templates {seen:.3f}, held-out templates {held:.3f} "
+          f"({report['test_problems']} test problems)")
+    below = report["templates_below_threshold"]
+    print(f"templates below {report['threshold']} (train+val): {len(below)}: {', '.join(below)}")
+    for name, g in report["general"].items():
+        print(f"{name}: {g['metric']} {g['score']:.3f} +- {g['stderr']:.3f} "
+              f"(chance {g['chance']:.2f})")
+    print(f"train {report['train_seconds']} s, build {report['build_seconds']} s")
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cca-ray",
@@ -138,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--ratios", type=float, nargs=3, default=[0.52, 0.08, 0.40],
                        metavar=("TRAIN", "VAL", "TEST"))
     split.set_defaults(func=cmd_split)
+
+    tiny = sub.add_parser("tiny", help="the built-in tiny model and its world")
+    tiny_sub = tiny.add_subparsers(dest="tiny_command", required=True)
+    tb = tiny_sub.add_parser("build", help="train the built-in model on CPU (fixed step count)")
+    tb.add_argument("--out", help="output folder (default: cache folder keyed by the settings)")
+    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--steps", type=int, help="training steps (default: the built-in setting)")
+    tb.add_argument("--force", action="store_true", help="rebuild even if the folder is built")
+    tb.add_argument("--quiet", action="store_true", help="no progress bars")
+    tb.set_defaults(func=cmd_tiny_build)
 
     config = sub.add_parser("config", help="configuration files")
     config_sub = config.add_subparsers(dest="config_command", required=True)

@@ -21,7 +21,12 @@ from cca_ray.data.answers import is_correct, macro_accuracy, per_template_accura
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import build_prompt, solution_to_cot
 from cca_ray.data.splits import Splits, split_problems
-from cca_ray.data.templates import Template, instantiate_templates, load_templates
+from cca_ray.data.templates import (
+    Template,
+    TemplateEngine,
+    instantiate_templates,
+    load_templates,
+)
 from cca_ray.io import write_json
 from cca_ray.tiny.model import TinySpec, make_model, train
 from cca_ray.tiny.tokenizer import train_tokenizer
@@ -87,10 +92,11 @@ def world_data(settings: BuildSettings, progress: bool = True):
     protected = {p.question for p in splits.val + splits.test}
     protected |= {p.question for p in problems if p.id in held_out}
     seen = [t for t in templates if t.template_id not in held_out]
-    pool, failures = instantiate_templates(seen, settings.train_pool_per_template,
-                                           settings.seed + 10_000, progress=progress)
-    if failures:
-        raise RuntimeError("built-in templates failed to instantiate:\n" + "\n".join(failures))
+    # The training pool takes what each template can give: a template with fewer distinct
+    # questions than asked contributes all it has (partial results, small try budget).
+    engine = TemplateEngine(seed=settings.seed + 10_000, max_tries_per_instance=20, min_tries=0)
+    pool = [Problem(**inst.row) for t in seen
+            for inst in engine.instantiate(t, settings.train_pool_per_template).instances]
     train_problems = [p for p in splits.train if p.id not in held_out]
     known = {p.question for p in train_problems}
     for p in pool:
@@ -100,9 +106,13 @@ def world_data(settings: BuildSettings, progress: bool = True):
     return templates, held_out, splits, train_problems
 
 
+def math_example(p: Problem) -> tuple[str, str]:
+    """(prompt, answer): exactly the evaluation prompt, then the reference chain of thought."""
+    return build_prompt(p.question, N_SHOTS), f" {solution_to_cot(p.answer)}"
+
+
 def math_text(p: Problem) -> str:
-    """A training sequence: exactly the evaluation prompt, then the reference chain of thought."""
-    return f"{build_prompt(p.question, N_SHOTS)} {solution_to_cot(p.answer)}"
+    return "".join(math_example(p))
 
 
 def greedy_correct(model, tokenizer, problems: list[Problem], settings: BuildSettings,
@@ -130,9 +140,10 @@ def general_scores(model, tokenizer, tasks_dir: Path, batch_size: int = 32) -> d
         log_samples=False, verbosity="ERROR")
     out = {}
     for name, metrics in results["results"].items():
-        key = next(k for k in metrics if not k.endswith("_stderr,none") and k.endswith(",none")
-                   and k.split(",")[0] in ("acc", "exact_match"))
-        out[name] = {"score": metrics[key], "stderr": metrics[key.replace(",", "_stderr,", 1)],
+        key = next(k for k in metrics if k.split(",")[0] in ("acc", "exact_match"))
+        stderr = metrics.get(key.replace(",", "_stderr,", 1))
+        out[name] = {"score": metrics[key],
+                     "stderr": stderr if isinstance(stderr, (int, float)) else None,
                      "metric": key.split(",")[0], "chance": CHANCE[name]}
     return out
 
@@ -149,19 +160,30 @@ def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
     templates, held_out, splits, train_problems = world_data(settings, progress)
     world = make_world(settings.seed, settings.world_countries)
     general = training_texts(world, settings.seed)
-    texts = [math_text(p) for p in train_problems] + general
+    texts: list = [math_example(p) for p in train_problems] + general
     all_problems = splits.train + splits.val + splits.test
-    vocabulary_texts = texts + [math_text(p) for p in all_problems]
-    tokenizer = train_tokenizer(vocabulary_texts)
-    model = make_model(settings.spec, tokenizer, settings.seed)
-    train_start = time.perf_counter()
-    losses = train(model, tokenizer, texts, settings.spec, settings.seed, progress)
-    train_seconds = time.perf_counter() - train_start
-
+    vocabulary_texts = [math_text(p) for p in train_problems + all_problems] + general
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    trained = tmp / "training.json"
+    if trained.is_file() and json.loads(trained.read_text()).get("key") == settings.key():
+        # a crash after training (e.g. during evaluation) resumes here without retraining
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        record = json.loads(trained.read_text())
+        losses, train_seconds = record["losses"], record["train_seconds"]
+    else:
+        tokenizer = train_tokenizer(vocabulary_texts)
+        model = make_model(settings.spec, tokenizer, settings.seed)
+        train_start = time.perf_counter()
+        losses = train(model, tokenizer, texts, settings.spec, settings.seed, progress)
+        train_seconds = time.perf_counter() - train_start
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json({"key": settings.key(), "losses": losses, "train_seconds": train_seconds},
+                   trained)
     tasks_dir = write_eval_tasks(world, tmp, settings.seed)
     report = evaluate_world(model, tokenizer, splits, held_out, settings, tasks_dir, progress)
     report.update({
@@ -179,6 +201,7 @@ def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
     })
     report["build_seconds"] = round(time.perf_counter() - start, 1)
     write_json(report, tmp / "build_report.json")
+    trained.unlink()
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # the folder appears whole or not at all
@@ -208,3 +231,10 @@ def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: Bu
         "threshold": THRESHOLD,
         "general": general_scores(model, tokenizer, tasks_dir),
     }
+
+
+def ensure_built(settings: BuildSettings | None = None, progress: bool = True) -> Path:
+    """The cached built-in model folder, built first if missing (what every command calls)."""
+    settings = settings or BuildSettings()
+    path = default_model_dir(settings)
+    return path if is_built(path) else build(path, settings, progress)

@@ -23,7 +23,7 @@ class TinySpec:
     kv_heads: int = 2
     head_dim: int = 32
     max_positions: int = 512
-    steps: int = 3000
+    steps: int = 1600
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100
@@ -58,13 +58,21 @@ def _lr_at(step: int, spec: TinySpec) -> float:
     return spec.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str],
+def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+          texts: list[str | tuple[str, str]],
           spec: TinySpec, seed: int, progress: bool = True) -> list[float]:
-    """Train on texts (each ends with EOS) for spec.steps steps; returns the loss curve."""
+    """Train for spec.steps steps (EOS appended to each text); returns the loss curve."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    encoded = [tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-               for t in texts]
+    # A text is either a string (loss on every token) or (prompt, answer): loss on the answer
+    # only, so the model spends its capacity on reasoning, not on guessing random names.
+    encoded, starts = [], []
+    for t in texts:
+        prompt, answer = t if isinstance(t, tuple) else ("", t)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        a_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        encoded.append(p_ids + a_ids)
+        starts.append(len(p_ids))
     too_long = [len(e) for e in encoded if len(e) > spec.max_positions]
     if too_long:
         raise ValueError(f"{len(too_long)} training texts exceed {spec.max_positions} tokens "
@@ -72,24 +80,32 @@ def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: li
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
                                   weight_decay=spec.weight_decay)
     pad = tokenizer.pad_token_id
-    order: list[int] = []
+    order: list[list[int]] = []
     losses = []
     model.train()
     bar = tqdm(range(spec.steps), desc="training tiny model", unit="step", disable=not progress)
     for step in bar:
-        if len(order) < spec.batch_size:
+        if not order:  # length buckets: 16 batches' worth sorted by length, less padding
             fresh = list(range(len(encoded)))
             rng.shuffle(fresh)
-            order += fresh
-        batch = [encoded[i] for i in order[: spec.batch_size]]
-        del order[: spec.batch_size]
-        width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            chunk = spec.batch_size * 16
+            batches = []
+            for start in range(0, len(fresh) - spec.batch_size + 1, chunk):
+                group = sorted(fresh[start : start + chunk], key=lambda i: len(encoded[i]))
+                batches += [group[j : j + spec.batch_size]
+                            for j in range(0, len(group) - spec.batch_size + 1, spec.batch_size)]
+            rng.shuffle(batches)
+            order = batches
+        rows = order.pop()
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, seq in enumerate(batch):
+        labels = torch.full_like(ids, -100)
+        for row, i in enumerate(rows):
+            seq = encoded[i]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+            labels[row, starts[i] : len(seq)] = ids[row, starts[i] : len(seq)]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, spec)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -1,0 +1,121 @@
+"""The built-in world: no leakage, exact tokenizer, a small build that loads and evaluates, and
+vLLM's CPU build matching HF greedy decoding token for token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cca_ray.tiny.build import BuildSettings, build, math_text, world_data
+from cca_ray.tiny.model import TinySpec
+from cca_ray.tiny.tokenizer import train_tokenizer
+from cca_ray.tiny.world import make_world, training_texts
+
+SMALL = BuildSettings(
+    spec=TinySpec(hidden_size=64, intermediate_size=128, layers=2, heads=2, kv_heads=1,
+                  head_dim=32, steps=40, batch_size=16, warmup=5),
+    instances_per_template=10, train_pool_per_template=20, world_countries=8,
+    eval_max_new_tokens=24,
+)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return world_data(SMALL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, small_data):
+    return build(tmp_path_factory.mktemp("tiny") / "model", SMALL, progress=False)
+
+
+def test_no_val_or_test_question_is_trained_on(small_data):
+    templates, held_out, splits, train = small_data
+    protected = {p.question for p in splits.val + splits.test}
+    assert train and not protected & {p.question for p in train}
+    assert held_out and not held_out & {p.id for p in train}
+    assert len(held_out) >= 4 and len(templates) >= 30
+
+
+def test_full_settings_give_at_least_2000_test_problems():
+    s = BuildSettings()
+    assert s.instances_per_template * 0.40 * 32 >= 2000
+
+
+def test_tokenizer_round_trips_the_corpus_exactly(small_data):
+    _, _, splits, train = small_data
+    texts = [math_text(p) for p in train[:200]] + training_texts(make_world(0, 8), 0)[:100]
+    tok = train_tokenizer(texts)
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        assert tok.unk_token_id not in ids
+    digits = tok("A: 1234 apples", add_special_tokens=False)["input_ids"]
+    assert [tok.decode([i]) for i in digits if tok.decode([i]).strip().isdigit()] == list("1234")
+
+
+def test_small_build_writes_a_loadable_hf_folder_with_its_report(small_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = json.loads((small_model / "build_report.json").read_text())
+    for key in ("test_accuracy_seen_templates", "test_accuracy_held_out_templates",
+                "templates_below_threshold", "train_seconds", "general"):
+        assert key in report
+    assert 0.0 <= report["test_accuracy_seen_templates"] <= 1.0
+    assert set(report["general"]) == {"tinyworld_mmlu", "tinyworld_trivia", "tinyworld_truthful"}
+    for g in report["general"].values():
+        assert 0.0 <= g["score"] <= 1.0 and g["stderr"] >= 0.0
+    model = AutoModelForCausalLM.from_pretrained(small_model)
+    tok = AutoTokenizer.from_pretrained(small_model)
+    cfg = model.config
+    assert cfg.model_type == "llama" and cfg.num_key_value_heads < cfg.num_attention_heads
+    assert cfg.head_dim >= 32
+    text = "Q: How many apples?\nA: Let's think step by step. The final answer is 120."
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    for name in ("tinyworld_mmlu", "tinyworld_trivia", "tinyworld_truthful"):
+        assert (small_model / "tasks" / f"{name}.yaml").is_file()
+        assert str(small_model.resolve()) in (small_model / "tasks" / f"{name}.yaml").read_text()
+
+
+VLLM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from vllm import LLM, SamplingParams
+    if __name__ == "__main__":
+        path, prompts = sys.argv[1], json.loads(sys.argv[2])
+        llm = LLM(model=path, dtype="float32", enable_prefix_caching=True, max_model_len=512,
+                  seed=0, enforce_eager=True, gpu_memory_utilization=0.2)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+        print("RESULT" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+""")
+
+
+def test_vllm_cpu_greedy_matches_hf_generate(small_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cca_ray.data.prompts import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(small_model)
+    model = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.float32).eval()
+    prompts = [build_prompt(q, 0) for q in ("Ana has 5 apples. She buys 3 more apples.",
+                                            "A box holds 6 pencils.", "The first box has 4 oranges.")]
+    hf = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)
+        hf.append(out[0, ids.shape[1]:].tolist())
+    script = tmp_path / "vllm_greedy.py"
+    script.write_text(VLLM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(small_model), json.dumps(prompts)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    vllm_ids = json.loads(line[len("RESULT"):])
+    eos = tok.eos_token_id
+    for a, b in zip(hf, vllm_ids, strict=True):
+        a = a[: a.index(eos) + 1] if eos in a else a
+        assert a == b[: len(a)], (a, b)
