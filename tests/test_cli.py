@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cca_ray.config import load_config
 from cca_ray.data.gsm_symbolic import load_jsonl
 from cca_ray.data.splits import split_counts
 
@@ -69,8 +70,9 @@ def test_demo_runs_the_data_stage_end_to_end(tmp_path, config):
         args += ["--config", str(Path(__file__).resolve().parents[1] / config)]
     run(*args)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["templates"] == BUILTIN and summary["problems"] == BUILTIN * 50
-    train, val, test = split_counts(50, (0.52, 0.08, 0.40))
+    per = load_config(args[-1]).data.instances_per_template if config else 50
+    assert summary["templates"] == BUILTIN and summary["problems"] == BUILTIN * per
+    train, val, test = split_counts(per, (0.52, 0.08, 0.40))
     assert summary["splits"] == {"train": BUILTIN * train, "val": BUILTIN * val,
                                  "test": BUILTIN * test}
     assert summary["reference_solution_macro_accuracy"] == 1.0

@@ -30,7 +30,13 @@ from cca_ray.data.templates import (
 from cca_ray.io import write_json
 from cca_ray.tiny.model import TinySpec, make_model, train
 from cca_ray.tiny.tokenizer import train_tokenizer
-from cca_ray.tiny.world import CHANCE, make_world, training_texts, write_eval_tasks
+from cca_ray.tiny.world import (
+    CHANCE,
+    arithmetic_texts,
+    make_world,
+    training_texts,
+    write_eval_tasks,
+)
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 N_SHOTS = 0  # the tiny model is trained and prompted zero-shot (the 8 exemplars' words are
@@ -45,6 +51,8 @@ class BuildSettings:
     instances_per_template: int = 200  # 200 x 0.40 x 32 templates = 2,560 test problems
     train_pool_per_template: int = 1500  # fresh training instances (val/test ones removed)
     world_countries: int = 30
+    world_copies: int = 40  # each fact in each of its forms, 40 times (short sequences)
+    drill: int = 20_000  # arithmetic drill lines
     eval_max_new_tokens: int = 160
     eval_batch_size: int = 64
 
@@ -159,7 +167,8 @@ def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
     start = time.perf_counter()
     templates, held_out, splits, train_problems = world_data(settings, progress)
     world = make_world(settings.seed, settings.world_countries)
-    general = training_texts(world, settings.seed)
+    general = training_texts(world, settings.seed, settings.world_copies)
+    general += arithmetic_texts(settings.seed, settings.drill)
     texts: list = [math_example(p) for p in train_problems] + general
     all_problems = splits.train + splits.val + splits.test
     vocabulary_texts = [math_text(p) for p in train_problems + all_problems] + general
@@ -221,6 +230,8 @@ def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: Bu
     tv_correct = greedy_correct(model, tokenizer, trainval, settings, progress, "train+val")
     tv_acc = per_template_accuracy((p.id, tv_correct[p.key]) for p in trainval)
     return {
+        "trainval_accuracy_seen_templates": macro_accuracy(
+            [(p.id, tv_correct[p.key]) for p in trainval]),
         "test_accuracy_seen_templates": macro_accuracy(seen_test),
         "test_accuracy_held_out_templates": macro_accuracy(held_test) if held_test else None,
         "test_problems": len(splits.test),

@@ -158,3 +158,27 @@ def write_eval_tasks(world: World, out_dir: str | Path, seed: int) -> Path:
 
 
 CHANCE = {"tinyworld_mmlu": 0.25, "tinyworld_trivia": 0.0, "tinyworld_truthful": 1 / 3}
+
+
+def arithmetic_texts(seed: int, n: int = 20_000) -> list[str]:
+    """An arithmetic drill in the solutions' own notation ("17 + 25 = 42."), so the tiny model's
+    digits are mostly right and its mistakes fall on the steps (which operation, which quantity)
+    rather than on carrying."""
+    rng = random.Random(f"drill/{seed}")
+    texts = []
+    for _ in range(n):
+        op = rng.choice("+-*/")
+        if op == "+":
+            a, b = rng.randint(0, 500), rng.randint(0, 500)
+            c = a + b
+        elif op == "-":
+            c, b = rng.randint(0, 500), rng.randint(0, 500)
+            a = b + c
+        elif op == "*":
+            a, b = rng.randint(0, 99), rng.randint(0, 12)
+            c = a * b
+        else:
+            c, b = rng.randint(0, 99), rng.randint(1, 12)
+            a = b * c
+        texts.append(f"{a} {op} {b} = {c}.")
+    return texts
