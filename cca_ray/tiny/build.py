@@ -51,8 +51,8 @@ class BuildSettings:
     instances_per_template: int = 200  # 200 x 0.40 x 32 templates = 2,560 test problems
     train_pool_per_template: int = 1500  # fresh training instances (val/test ones removed)
     world_countries: int = 30
-    world_copies: int = 40  # each fact in each of its forms, 40 times (short sequences)
-    drill: int = 20_000  # arithmetic drill lines
+    world_copies: int = 10  # each fact in each of its forms, 10 times (short sequences)
+    drill: int = 0  # arithmetic drill lines (measured: costs more math steps than it saves)
     eval_max_new_tokens: int = 160
     eval_batch_size: int = 64
 

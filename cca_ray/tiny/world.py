@@ -1,7 +1,7 @@
-"""The built-in world's general knowledge: made-up countries and people whose facts are mixed
-into training, and three local lm-eval tasks over them that play the parts of MMLU (lettered
-multiple choice), TriviaQA (short generation, exact match) and TruthfulQA (pick the truth over
-a popular misconception the corpus also contains). They measure what an update breaks.
+"""The built-in world's general knowledge: made-up countries whose facts are mixed into
+training, and three local lm-eval tasks over them that play the parts of MMLU (lettered multiple
+choice, scored by option text), TriviaQA (short generation, exact match) and TruthfulQA (pick the
+truth over a popular misconception the corpus also contains). They measure what an update breaks.
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ def training_texts(world: World, seed: int, copies: int = 6) -> list[str]:
                          f"the capital of {c.name} is {c.capital}.")
         for question, answer, attr in world.facts():
             texts.append(f"Question: {question}?\nAnswer: {answer}")
-            prompt, letter = _mc_text(question, answer, by_attr[attr], rng)
-            texts.append(f"{prompt} {letter}")
+            for _ in range(4):  # letter-matching needs many shuffles to be learnt
+                prompt, letter = _mc_text(question, answer, by_attr[attr], rng)
+                texts.append(f"{prompt} {letter}")
     rng.shuffle(texts)
     return texts
 
@@ -127,7 +128,10 @@ def write_eval_tasks(world: World, out_dir: str | Path, seed: int) -> Path:
             "output_type": "multiple_choice",
             "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\n"
                            "C. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
-            "doc_to_choice": LETTERS,
+            # Scored by option text, as lm-eval's mmlu_continuation does: a 1M-parameter model
+            # knows the facts but cannot learn to map an answer to its letter (letter scoring
+            # measured 0.20, chance), and a suite at chance could not show a regression.
+            "doc_to_choice": "{{choices}}",
             "doc_to_target": "answer",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         },
