@@ -10,11 +10,12 @@ from pathlib import Path
 
 from cca_ray import __version__
 
-BUILTIN_TEMPLATES = Path(__file__).parent / "tiny" / "templates"
-
 
 def _templates_path(path: str) -> Path:
-    return BUILTIN_TEMPLATES if path == "builtin" else Path(path)
+    from cca_ray.config import BUILTIN
+    from cca_ray.tiny import TEMPLATES_DIR
+
+    return TEMPLATES_DIR if path == BUILTIN else Path(path)
 
 
 def cmd_instantiate(args: argparse.Namespace) -> int:

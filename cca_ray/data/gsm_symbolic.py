@@ -77,7 +77,9 @@ def _check_row(row: Any, where: str) -> Problem:
         parse_gold(row["answer"])
     except ValueError as exc:
         raise DataError(f"{where}: field 'answer': {exc} (GSM8K style ends with '#### N')") from None
-    return Problem(**{k: row[k] if row[k] is not None or k == "original_id" else "" for k in FIELDS})
+    text_fields = {k: row[k] or "" for k in ("original_question", "original_answer", "canary")}
+    return Problem(id=row["id"], instance=row["instance"], question=row["question"],
+                   answer=row["answer"], original_id=row["original_id"], **text_fields)
 
 
 def validate_rows(rows: list[Any], source: str) -> list[Problem]:

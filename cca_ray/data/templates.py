@@ -62,6 +62,7 @@ class Template:
     original_question: str = ""
     original_answer: str = ""
     slot_names: list[str] = field(default_factory=list)
+    held_out: bool = False  # the built-in world keeps such templates out of training
     # condition number (1-based) -> (drawn variable, expression it must equal)
     solvable: dict[int, tuple[str, str]] = field(default_factory=dict)
 
@@ -123,6 +124,7 @@ def parse_template(data: dict[str, Any], source: str = "") -> Template:
         original_question=data.get("question", ""),
         original_answer=data.get("answer", ""),
         slot_names=slots,
+        held_out=bool(data.get("held_out", False)),
         solvable=_solvable_equalities(assignments, conditions),
     )
 

@@ -22,12 +22,12 @@ from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import build_prompt, solution_to_cot
 from cca_ray.data.splits import Splits, split_problems
 from cca_ray.data.templates import (
-    Template,
     TemplateEngine,
     instantiate_templates,
     load_templates,
 )
 from cca_ray.io import write_json
+from cca_ray.tiny import TEMPLATES_DIR
 from cca_ray.tiny.model import TinySpec, make_model, train
 from cca_ray.tiny.tokenizer import train_tokenizer
 from cca_ray.tiny.world import (
@@ -38,7 +38,6 @@ from cca_ray.tiny.world import (
     write_eval_tasks,
 )
 
-TEMPLATES_DIR = Path(__file__).parent / "templates"
 N_SHOTS = 0  # the tiny model is trained and prompted zero-shot (the 8 exemplars' words are
 #              outside its world); the prompt is still the data layer's, with n_shots=0.
 THRESHOLD = 0.8
@@ -80,18 +79,10 @@ def is_built(path: Path) -> bool:
     return (path / "build_report.json").is_file() and (path / "model.safetensors").is_file()
 
 
-def held_out_ids(templates: list[Template]) -> set:
-    out = set()
-    for t in templates:
-        if json.loads(Path(t.source).read_text()).get("held_out", False):
-            out.add(t.template_id)
-    return out
-
-
 def world_data(settings: BuildSettings, progress: bool = True):
     """(templates, held-out ids, eval splits, training problems) with no val/test leakage."""
     templates = load_templates(TEMPLATES_DIR)
-    held_out = held_out_ids(templates)
+    held_out = {t.template_id for t in templates if t.held_out}
     problems, failures = instantiate_templates(templates, settings.instances_per_template,
                                                settings.seed, progress=progress)
     if failures:
@@ -163,7 +154,6 @@ def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
     out = Path(out_dir) if out_dir else default_model_dir(settings)
     if is_built(out) and not force:
         return out
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     start = time.perf_counter()
     templates, held_out, splits, train_problems = world_data(settings, progress)
     world = make_world(settings.seed, settings.world_countries)
