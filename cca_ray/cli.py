@@ -135,6 +135,44 @@ def cmd_tiny_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(out: Path) -> None:
+    """Decisions and stage reuse go to stdout and to OUT/run.log (appended across resumes)."""
+    import logging
+
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    logger = logging.getLogger("cca_ray")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(out / "run.log")):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole CCA pipeline on one model; resumes from OUT's stage folders."""
+    from cca_ray.config import load_config
+    from cca_ray.pipeline import Pipeline
+    from cca_ray.report import render_markdown
+
+    config = load_config(args.config)
+    out = Path(args.out)
+    _setup_logging(out)
+    report = Pipeline(config, out, progress=not args.quiet).run()
+    print(render_markdown(report))
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    return 0
+
+
+def cmd_apply_delta(args: argparse.Namespace) -> int:
+    """Rebuild an updated model from its base and a sparse row delta."""
+    from cca_ray.update import apply_delta
+
+    out = apply_delta(args.base, args.delta, args.out, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cca-ray",
@@ -147,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="YAML config (default: built-in defaults)")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="the CCA pipeline end to end on one model (resumable)")
+    run.add_argument("--config", default="tune_configs/default.yaml", help="YAML config")
+    run.add_argument("--out", required=True, help="output folder (stages, report.json, report.md)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    ad = sub.add_parser("apply-delta", help="rebuild an updated model: BASE + sparse DELTA -> OUT")
+    ad.add_argument("base", help="base model folder or hub id")
+    ad.add_argument("delta", help="the .safetensors row delta written by `cca-ray run`")
+    ad.add_argument("out", help="output HF folder")
+    ad.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ad.set_defaults(func=cmd_apply_delta)
 
     data = sub.add_parser("data", help="GSM-Symbolic data: instantiate templates, split")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -189,14 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cca-ray` console script."""
+    from cca_ray.components import UnsupportedArchitecture
     from cca_ray.config import ConfigError
     from cca_ray.data.gsm_symbolic import DataError
     from cca_ray.data.templates import TemplateError
+    from cca_ray.dcm import DCMError
+    from cca_ray.localize import LocalizationError
+    from cca_ray.update import UpdateError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TemplateError) as exc:
+    except (ConfigError, DataError, TemplateError, LocalizationError, DCMError, UpdateError,
+            UnsupportedArchitecture) as exc:
         print(f"cca-ray: error: {exc}", file=sys.stderr)
         return 2
 

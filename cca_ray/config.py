@@ -63,6 +63,8 @@ class SamplingConfig(_Section):
 class LocalizeConfig(_Section):
     method: Literal["prefix", "branching", "branching-batched", "branching-bisect"] = "prefix"
     min_examples: int = Field(8, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="seeded subset cap (speed); None = all")
+    chunk: int = Field(8, ge=1, description="positions per round in branching-batched")
 
 
 class DCMConfig(_Section):
@@ -82,6 +84,22 @@ class UpdateConfig(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     micro_batch_size: int = Field(8, ge=1)
     kinds: list[Literal["q", "k", "v", "mlp"]] = Field(default_factory=lambda: ["q", "k", "v", "mlp"])
+    lr_grid: list[float] = Field(default_factory=list,
+                                 description="lrs tried for CCA and for each random seed alike (best by "
+                                             "val); empty = just lr")
+    random_seeds: int = Field(3, ge=0, le=100, description="random-component control runs")
+
+    @model_validator(mode="after")
+    def _grid(self) -> UpdateConfig:
+        if any(not 0 < lr <= 10 for lr in self.lr_grid):
+            raise ValueError(f"lr_grid values must be in (0, 10], got {self.lr_grid}")
+        if not self.kinds:
+            raise ValueError("kinds must name at least one of q, k, v, mlp")
+        return self
+
+    @property
+    def lrs(self) -> list[float]:
+        return sorted(set(self.lr_grid)) if self.lr_grid else [self.lr]
 
 
 class EvaluationConfig(_Section):
@@ -89,6 +107,7 @@ class EvaluationConfig(_Section):
     general_tasks: list[str] = Field(default_factory=list)
     num_fewshot: dict[str, int] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1, description="greedy evaluation batch size")
 
 
 class CCAConfig(_Section):

@@ -3,71 +3,93 @@ first complete answer sentence (or at 'Q:' / EOS), with a progress bar."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from cca_ray.data.answers import STOP_SENTENCE
+from cca_ray.sampling.base import (
+    CONTEXT_TOKENS,
+    Completion,
+    check_request,
+    cut_at_stop,
+    decode_continuation,
+    encode_prompts,
+    eos_ids,
+    make_completion,
+)
 
+__all__ = ["Completion", "HFSampler", "cut_at_stop"]
 
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-
-
-def cut_at_stop(text: str) -> tuple[str, bool]:
-    """The text up to the stop point, and whether a stop point was found."""
-    match = STOP_SENTENCE.search(text)
-    q = text.find("\nQ:")
-    ends = [e for e in (match.end() if match else -1, q) if e >= 0]
-    return (text[: min(ends)], True) if ends else (text, False)
+# Generated tokens decoded at each step to decide whether a full stop-rule check is worth it.
+_TAIL = 12
 
 
 class HFSampler:
     """Generates completions with a causal LM held in memory."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_new_tokens: int = 256,
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, max_new_tokens: int = 256,
                  progress: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.progress = progress
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs a pad token for batched generation")
+        self.stop_ids = eos_ids(tokenizer, getattr(model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, seed: int = 0,
+                 desc: str = "generating", max_new_tokens: int | None = None) -> list[list[Completion]]:
+        """n completions per prompt; temperature 0 means greedy (then n must be 1)."""
+        return self.generate_ids(encode_prompts(self.tokenizer, prompts), n=n, temperature=temperature,
+                                 seed=seed, desc=desc, max_new_tokens=max_new_tokens)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0,
-                 seed: int = 0, desc: str = "generating") -> list[list[Completion]]:
-        """n completions per prompt; temperature 0 means greedy (then n must be 1)."""
-        if temperature == 0 and n != 1:
-            raise ValueError("greedy decoding gives one completion per prompt (n=1)")
-        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-        out: list[list[Completion]] = [[] for _ in prompts]
-        generator = torch.Generator().manual_seed(seed)
+    def generate_ids(self, prompt_ids: list[list[int]], n: int = 1, temperature: float = 0.0,
+                     seed: int = 0, desc: str = "generating", max_new_tokens: int | None = None,
+                     prefix_texts: list[str] | None = None) -> list[list[Completion]]:
+        """n completions per tokenised prompt; the stop rule sees prefix_texts[i] + generated."""
+        prefixes = check_request(len(prompt_ids), n, temperature, prefix_texts)
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        out: list[list[Completion]] = [[] for _ in prompt_ids]
+        # A prefix that already holds a stop point leaves nothing to generate.
+        stopped = [cut_at_stop(p)[1] for p in prefixes]
+        for i in range(len(prompt_ids)):
+            if stopped[i]:
+                out[i] = [Completion(text="", token_ids=[]) for _ in range(n)]
+        flat = [i for i in range(len(prompt_ids)) if not stopped[i] for _ in range(n)]
+        # Longest first, so each batch pads little; the order is fixed, so seeded runs repeat.
+        flat.sort(key=lambda i: -len(prompt_ids[i]))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         for start in tqdm(range(0, len(flat), self.batch_size), desc=desc, unit="batch",
                           disable=not self.progress):
             chunk = flat[start : start + self.batch_size]
-            for (i, _), completion in zip(chunk, self._batch([p for _, p in chunk], temperature,
-                                                             generator), strict=True):
+            done = self._batch([prompt_ids[i] for i in chunk], [prefixes[i] for i in chunk],
+                               temperature, generator, limit)
+            for i, completion in zip(chunk, done, strict=True):
                 out[i].append(completion)
         return out
 
-    def _batch(self, prompts: list[str], temperature: float, generator) -> list[Completion]:
-        tok = self.tokenizer
-        old_side = tok.padding_side
-        tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        tok.padding_side = old_side
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+    def _batch(self, prompts: list[list[int]], prefixes: list[str], temperature: float,
+               generator: torch.Generator, limit: int) -> list[Completion]:
+        """One left-padded batch, decoded step by step with a KV cache until every row stops."""
+        tok, device, rows = self.tokenizer, self.device, len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        stop_ids = torch.tensor(sorted(self.stop_ids), device=device, dtype=torch.long)
+        contexts = [list(p[-CONTEXT_TOKENS:]) for p in prompts]
+        lengths: list[int | None] = [None] * rows  # generated ids kept per row, once it stops
         past = None
-        generated = torch.empty((len(prompts), 0), dtype=torch.long)
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        step_ids, step_pos = ids, positions
-        for _ in range(self.max_new_tokens):
+        generated = torch.empty((rows, 0), dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+        for _ in range(limit):
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                              past_key_values=past, use_cache=True)
             past = out.past_key_values
@@ -77,23 +99,31 @@ class HFSampler:
                 next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
                 next_ids = logits.argmax(-1)
-            next_ids = next_ids.masked_fill(done, tok.pad_token_id)
+            next_ids = next_ids.masked_fill(done, self.pad_id)
             generated = torch.cat([generated, next_ids[:, None]], dim=1)
-            done |= next_ids == tok.eos_token_id
+            step = generated.shape[1]
+            hit_eos = torch.isin(next_ids, stop_ids) & ~done
+            for row in torch.nonzero(hit_eos).flatten().tolist():
+                lengths[row] = step - 1  # EOS itself is not part of the completion
+            done |= hit_eos
             for row in torch.nonzero(~done).flatten().tolist():
-                tail = tok.decode(generated[row, -12:], skip_special_tokens=True)
+                tail = tok.decode(generated[row, -_TAIL:].tolist(), skip_special_tokens=True)
                 if "." in tail or "Q" in tail:
-                    if cut_at_stop(tok.decode(generated[row], skip_special_tokens=True))[1]:
-                        done[row] = True
-            if done.all():
+                    text = decode_continuation(tok, generated[row].tolist(), contexts[row])
+                    if cut_at_stop(prefixes[row] + text)[1]:
+                        done[row], lengths[row] = True, step
+            if bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
             step_ids = next_ids[:, None]
             step_pos = step_pos[:, -1:] + 1
-        completions = []
-        for row in range(len(prompts)):
-            token_ids = [t for t in generated[row].tolist()
-                         if t not in (tok.pad_token_id, tok.eos_token_id)]
-            text, _ = cut_at_stop(tok.decode(token_ids, skip_special_tokens=True))
-            completions.append(Completion(text=text, token_ids=token_ids))
-        return completions
+        kept = [generated[row, : lengths[row]].tolist() if lengths[row] is not None
+                else generated[row].tolist() for row in range(rows)]
+        return [make_completion(tok, kept[row], prefixes[row], contexts[row]) for row in range(rows)]
+
+    def close(self) -> None:
+        """Drop this sampler's reference to the model (the caller's own references keep it alive)
+        and return cached GPU memory."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,472 @@
+"""`cca-ray run`: template filter -> traces -> localisation -> DCM -> targeted update (lr search)
+-> random-component control -> evaluation -> report, each stage an on-disk artifact keyed by its
+inputs (cca_ray/stages.py), so a rerun after a crash or a kill resumes at the first missing stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cca_ray.components import KINDS, component_space
+from cca_ray.config import BUILTIN, CCAConfig, ConfigError, dump_config
+from cca_ray.data.answers import macro_accuracy
+from cca_ray.data.gsm_symbolic import Problem, load_hub, load_jsonl, write_problems
+from cca_ray.data.prompts import build_prompt
+from cca_ray.data.splits import Splits, split_problems, write_splits
+from cca_ray.data.template_filter import select_templates, template_accuracies
+from cca_ray.data.templates import instantiate_templates, load_templates
+from cca_ray.dcm import DCMResult, Example, learn_mask
+from cca_ray.evaluate import accuracy_report, general_deltas, general_scores, greedy_correct, mcnemar_p
+from cca_ray.io import write_json, write_jsonl
+from cca_ray.localize import LocalizationError, Pivot, localize
+from cca_ray.report import write_report
+from cca_ray.sampling import make_sampler
+from cca_ray.sampling.traces import Trace, collect_traces
+from cca_ray.stages import StageStore, stage_key
+from cca_ray.update import RowDeltas, merge_rows, save_delta, selected_rows, targeted_update
+
+log = logging.getLogger("cca_ray")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Loaded:
+    """The base model in memory, where it came from, and how it is prompted."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    local_tasks: Path | None  # folder of local lm-eval task YAMLs (the built-in world's)
+
+    def prompt(self, config: CCAConfig):
+        d = config.data
+        return lambda q: build_prompt(q, d.n_shots, d.chat_template, self.tokenizer)
+
+
+def check_builtin_data(config: CCAConfig) -> None:
+    """The built-in model was trained around exactly one set of val/test problems: other data
+    settings would put its training questions into val/test, so refuse them at the edge."""
+    from cca_ray.tiny.build import BuildSettings
+
+    s, d = BuildSettings(), config.data
+    want = {"source": "templates", "path": BUILTIN, "instances_per_template": s.instances_per_template,
+            "seed": s.seed, "split_ratios": (0.52, 0.08, 0.40), "n_shots": 0, "chat_template": False}
+    bad = [f"data.{k} = {getattr(d, k)!r} (needs {v!r})" for k, v in want.items()
+           if (tuple(getattr(d, k)) if k == "split_ratios" else getattr(d, k)) != v]
+    if bad:
+        raise ConfigError("model.name 'builtin' was trained around the built-in data split; "
+                          + "; ".join(bad) + ". Use tune_configs/default.yaml's data section.")
+
+
+def load_model(config: CCAConfig, progress: bool = True) -> Loaded:
+    """The base model: the built-in tiny model (built once into the cache) or an HF id/folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local_tasks = None
+    name = config.model.name
+    if name == BUILTIN:
+        from cca_ray.tiny.build import ensure_built
+
+        check_builtin_data(config)
+        path = ensure_built(progress=progress)
+        local_tasks = path / "tasks"
+    else:
+        path = name
+        if Path(name, "tasks").is_dir():
+            local_tasks = Path(name) / "tasks"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.model.dtype)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    component_space(model, config.model.architecture)  # unsupported architecture: fail before any work
+    return Loaded(model.eval(), tokenizer, str(path), local_tasks)
+
+
+def load_problems(config: CCAConfig) -> list[Problem]:
+    d = config.data
+    if d.source == "templates":
+        from cca_ray.tiny import TEMPLATES_DIR
+
+        templates = load_templates(TEMPLATES_DIR if d.path == BUILTIN else d.path)
+        problems, failures = instantiate_templates(templates, d.instances_per_template, d.seed)
+        for reason in failures:
+            log.warning("skipping template: %s", reason)
+        return problems
+    return load_jsonl(d.path) if d.source == "jsonl" else load_hub(d.hub_config)
+
+
+def _examples(pivots: list[Pivot]) -> list[Example]:
+    return [Example(p.prefix["token_ids"], p.desired_token, p.undesired_token) for p in pivots]
+
+
+def _correct_rows(correct: dict[tuple, bool]) -> list[dict]:
+    return [{"template_id": k[0], "instance_id": k[1], "correct": v} for k, v in correct.items()]
+
+
+def _correct_map(rows: list[dict]) -> dict[tuple, bool]:
+    return {(r["template_id"], r["instance_id"]): r["correct"] for r in rows}
+
+
+class Pipeline:
+    """One CCA run on one model; every stage method returns its (reused or fresh) artifact."""
+
+    def __init__(self, config: CCAConfig, out: str | Path, progress: bool = True):
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.store = StageStore(self.out)
+        self.timings: dict[str, float] = {}
+        self._sampler = None
+        self._gen_sampler = None
+
+    # ---- shared pieces -------------------------------------------------------------------
+    def _timed(self, name: str, meta: dict) -> dict:
+        self.timings[name] = self.timings.get(name, 0.0) + meta["seconds"]
+        return meta
+
+    def eval_sampler(self):
+        """HF sampler on the in-memory model: it sees hooks and merged rows (updated models)."""
+        if self._sampler is None:
+            e = self.config.evaluation
+            self._sampler = make_sampler("hf", model=self.m.model, tokenizer=self.m.tokenizer,
+                                         batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                         progress=self.progress)
+        return self._sampler
+
+    def gen_sampler(self):
+        """The configured backend for traces and branching completions (vLLM on GPUs)."""
+        s = self.config.sampling
+        if s.backend == "hf":
+            return make_sampler("hf", model=self.m.model, tokenizer=self.m.tokenizer,
+                                batch_size=s.batch_size, max_new_tokens=s.max_new_tokens,
+                                progress=self.progress)
+        if self._gen_sampler is None:
+            self._gen_sampler = make_sampler(s.backend, self.m.path, dtype=self.config.model.dtype,
+                                             batch_size=s.batch_size, max_new_tokens=s.max_new_tokens,
+                                             progress=self.progress)
+        return self._gen_sampler
+
+    def greedy(self, problems: list[Problem], desc: str) -> dict[tuple, bool]:
+        return greedy_correct(self.eval_sampler(), problems, self.m.prompt(self.config), desc)
+
+    # ---- stages ----------------------------------------------------------------------------
+    def data(self) -> Splits:
+        c = self.config
+        key = stage_key("data", c.data.model_dump())
+
+        def compute(tmp: Path) -> dict:
+            problems = load_problems(c)
+            write_problems(problems, tmp / "problems.jsonl")
+            splits = split_problems(problems, c.data.split_ratios, seed=c.data.seed)
+            write_splits(splits, tmp)
+            return {"problems": len(problems), "splits": {n: len(p) for n, p in splits.items()},
+                    "templates": len({p.id for p in problems})}
+
+        path, meta = self.store.run("data", key, compute)
+        self._timed("data", meta)
+        self.data_key = key
+        parts = {n: load_jsonl(path / f"{n}.jsonl") for n in ("train", "val", "test")}
+        return Splits(**parts)
+
+    def base_eval(self, splits: Splits) -> tuple[dict, list]:
+        """Greedy correctness of the base model on every split; the template filter from train+val."""
+        c = self.config
+        key = stage_key("base_eval", self.data_key, c.model.model_dump(), c.evaluation.max_new_tokens)
+
+        def compute(tmp: Path) -> dict:
+            for name, problems in splits.items():
+                write_jsonl(_correct_rows(self.greedy(problems, f"base greedy ({name})")),
+                            tmp / f"{name}_correct.jsonl")
+            return {}
+
+        path, meta = self.store.run("base_eval", key, compute)
+        self._timed("base_eval", meta)
+        self.base_key = key
+        correct = {n: _correct_map(_read_jsonl(path / f"{n}_correct.jsonl"))
+                   for n in ("train", "val", "test")}
+        acc = template_accuracies(splits, {**correct["train"], **correct["val"]})
+        kept = select_templates(acc, c.data.template_threshold)
+        if not kept:
+            raise LocalizationError(
+                f"no template is below data.template_threshold {c.data.template_threshold} on train+val "
+                f"(lowest: {min(acc.values()):.2f}); raise the threshold to train on this model")
+        self.template_acc = acc
+        return correct, kept
+
+    def traces(self, splits: Splits, kept: list) -> list[Trace]:
+        c = self.config
+        key = stage_key("traces", self.base_key, c.sampling.model_dump(), [str(k) for k in kept])
+        problems = [p for p in splits.train if p.id in set(kept)]
+
+        def compute(tmp: Path) -> dict:
+            prompt = self.m.prompt(c)
+            traces = collect_traces(self.gen_sampler(), problems, [prompt(p.question) for p in problems],
+                                    c.sampling.n_samples, c.sampling.temperature, c.sampling.seed,
+                                    c.sampling.max_new_tokens)
+            write_jsonl([t.to_row() for t in traces], tmp / "traces.jsonl")
+            with_contrast = sum(t.contrast_ids is not None for t in traces)
+            log.info("traces: %d problems, %d with a contrasting sample", len(traces), with_contrast)
+            return {"problems": len(traces), "with_contrast": with_contrast,
+                    "greedy_correct": sum(t.greedy_correct for t in traces)}
+
+        path, meta = self.store.run("traces", key, compute)
+        self._timed("traces", meta)
+        self.traces_key = key
+        if meta["with_contrast"] == 0:
+            raise LocalizationError(
+                f"none of the {meta['problems']} training problems has a sampled trace whose correctness "
+                f"differs from greedy ({c.sampling.n_samples} samples at temperature "
+                f"{c.sampling.temperature}); raise sampling.n_samples or sampling.temperature")
+        return [Trace.from_row(r) for r in _read_jsonl(path / "traces.jsonl")]
+
+    def localization(self, traces: list[Trace]) -> tuple[list[Pivot], dict]:
+        c = self.config.localize
+        key = stage_key("localize", self.traces_key, c.model_dump())
+
+        def compute(tmp: Path) -> dict:
+            loc = localize(c.method, traces, self.gen_sampler() if c.method != "prefix" else None,
+                           self.m.tokenizer, self.config.sampling.max_new_tokens, c.chunk, self.progress)
+            pivots = loc.pivots
+            if c.max_examples and len(pivots) > c.max_examples:
+                pivots = random.Random(0).sample(pivots, c.max_examples)
+                loc.dropped["over localize.max_examples"] += len(loc.pivots) - len(pivots)
+            write_jsonl([p.to_row() for p in pivots], tmp / "localization.jsonl")
+            summary = loc.summary() | {"examples": len(pivots)}
+            log.info("localisation (%s): %d examples, dropped %s", c.method, len(pivots), dict(loc.dropped))
+            return summary
+
+        path, meta = self.store.run("localize", key, compute)
+        self._timed("localize", meta)
+        self.loc_key = key
+        if meta["examples"] < c.min_examples:
+            raise LocalizationError(
+                f"localisation ({c.method}) kept {meta['examples']} examples, below localize.min_examples "
+                f"{c.min_examples} (dropped: {meta['dropped']}); sample more (sampling.n_samples, more "
+                f"templates via data.template_threshold) or lower localize.min_examples")
+        return [Pivot.from_row(r) for r in _read_jsonl(path / "localization.jsonl")], meta
+
+    def dcm(self, pivots: list[Pivot]) -> tuple[dict[str, torch.Tensor], dict]:
+        c = self.config.dcm
+        key = stage_key("dcm", self.loc_key, c.model_dump(by_alias=True), self.config.model.architecture)
+
+        def compute(tmp: Path) -> dict:
+            res: DCMResult = learn_mask(
+                self.m.model, _examples(pivots), self.m.tokenizer.pad_token_id, lam=c.lambda_, lr=c.lr,
+                epochs=c.epochs, batch_size=c.batch_size, lr_step_epochs=c.lr_step_epochs,
+                lr_gamma=c.lr_gamma, early_stop_fraction=c.early_stop_fraction, seed=c.seed,
+                architecture=self.config.model.architecture, progress=self.progress)
+            save_file({k: v.contiguous() for k, v in res.masks.items()}, str(tmp / "mask.safetensors"))
+            summary = res.summary()
+            write_json(summary, tmp / "summary.json")
+            log.info("DCM: %d of %d components selected (%.2f%%) %s", summary["components_selected"],
+                     summary["components_total"], 100 * summary["components_fraction"],
+                     summary["selected_per_kind"])
+            return {k: summary[k] for k in ("components_selected", "components_total",
+                                            "components_fraction", "selected_per_kind", "epochs_run")}
+
+        path, meta = self.store.run("dcm", key, compute)
+        self._timed("dcm", meta)
+        self.dcm_key = key
+        masks = load_file(str(path / "mask.safetensors"))
+        return {k: masks[k] for k in KINDS}, meta
+
+    def update_run(self, arm: str, selected: dict[str, torch.Tensor], pivots: list[Pivot], lr: float,
+                   val: list[Problem]) -> dict:
+        """One targeted update (CCA or a random seed) at one lr; stores the best step's delta."""
+        u = self.config.update
+        settings = u.model_dump(exclude={"lr", "lr_grid", "random_seeds"})
+        key = stage_key("update", self.dcm_key, arm, lr, settings,
+                        self.config.evaluation.max_new_tokens)
+        name = f"update-{arm}-lr{lr:g}"
+
+        def compute(tmp: Path) -> dict:
+            model = self.m.model
+            space = component_space(model, self.config.model.architecture)
+            rows = selected_rows(model, space, selected, u.kinds)
+            deltas = RowDeltas(model, rows)
+            val_acc = lambda: macro_accuracy(  # noqa: E731
+                [(p.id, ok) for p, ok in zip(val, self.greedy(val, "val").values(), strict=True)])
+            res = targeted_update(model, deltas, _examples(pivots), self.m.tokenizer.pad_token_id, val_acc,
+                                  lr=lr, steps=u.steps, optimizer=u.optimizer,
+                                  micro_batch_size=u.micro_batch_size, progress=self.progress, desc=name)
+            save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(res.best_deltas)},
+                      str(tmp / "best_deltas.safetensors"))
+            save_file({n: r for n, r in rows.items()}, str(tmp / "rows.safetensors"))
+            write_json(res.history, tmp / "history.json")
+            return {"arm": arm, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,
+                    "trainable_parameters": res.trainable_parameters}
+
+        path, meta = self.store.run(name, key, compute)
+        self._timed("update" if arm == "cca" else "random_control", meta)
+        return meta | {"path": str(path)}
+
+    def _merged(self, run: dict):
+        """Context: the base model with this run's best rows written in (restored afterwards)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def merged():
+            rows = load_file(str(Path(run["path"]) / "rows.safetensors"))
+            rows = dict(sorted(rows.items()))
+            saved = load_file(str(Path(run["path"]) / "best_deltas.safetensors"))
+            deltas = [saved[f"delta.{i}"] for i in range(len(saved))]
+            params = dict(self.m.model.named_parameters())
+            original = {n: params[n][r].detach().clone() for n, r in rows.items()}
+            new = merge_rows(self.m.model, rows, deltas)
+            try:
+                yield rows, new
+            finally:
+                with torch.no_grad():
+                    for n, r in rows.items():
+                        params[n][r] = original[n]
+        return merged()
+
+    def test_eval(self, name: str, run: dict, test: list[Problem]) -> dict[tuple, bool]:
+        key = stage_key("test_eval", run["path"], self.config.evaluation.max_new_tokens)
+
+        def compute(tmp: Path) -> dict:
+            with self._merged(run):
+                write_jsonl(_correct_rows(self.greedy(test, f"test ({name})")), tmp / "test_correct.jsonl")
+            return {}
+
+        path, meta = self.store.run(f"test-{name}", key, compute)
+        self._timed("evaluation", meta)
+        return _correct_map(_read_jsonl(path / "test_correct.jsonl"))
+
+    def general(self, name: str, run: dict | None) -> dict:
+        e = self.config.evaluation
+        key = stage_key("general", self.base_key, run["path"] if run else None, e.model_dump())
+
+        def compute(tmp: Path) -> dict:
+            def score():
+                return general_scores(self.m.model, self.m.tokenizer, e.general_tasks, e.num_fewshot,
+                                      self.m.local_tasks, e.limit)
+            if run is None:
+                return {"scores": score()}
+            with self._merged(run):
+                return {"scores": score()}
+
+        _, meta = self.store.run(f"general-{name}", key, compute)
+        self._timed("general", meta)
+        return meta["scores"]
+
+    def export(self, run: dict) -> dict:
+        """The updated model as an HF folder and the sparse row delta, under DIR/cca_model."""
+        out = self.out / "cca_model"
+        with self._merged(run) as (rows, new):
+            self.m.model.save_pretrained(out, safe_serialization=True)
+            self.m.tokenizer.save_pretrained(out)
+            save_delta(rows, new, self.out / "cca_delta.safetensors", base=self.m.path,
+                       extra={"best_step": run["best_step"], "lr": run["lr"]})
+        return {"model": str(out), "delta": str(self.out / "cca_delta.safetensors")}
+
+    # ---- the whole run ---------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(c))
+        start = time.perf_counter()
+        self.m = load_model(c, self.progress)
+        splits = self.data()
+        correct, kept = self.base_eval(splits)
+        traces = self.traces(splits, kept)
+        pivots, loc_meta = self.localization(traces)
+        masks, dcm_meta = self.dcm(pivots)
+        selected = {k: m > 0.5 for k, m in masks.items()}
+        space = component_space(self.m.model, c.model.architecture)
+        cca_runs = [self.update_run("cca", selected, pivots, lr, splits.val) for lr in c.update.lrs]
+        best_cca = max(cca_runs, key=lambda r: (r["best_val"], -r["lr"]))
+        random_best = []
+        for seed in range(c.update.random_seeds):
+            chosen = random_selection(selected, seed)
+            runs = [self.update_run(f"random{seed}", chosen, pivots, lr, splits.val) for lr in c.update.lrs]
+            random_best.append(max(runs, key=lambda r: (r["best_val"], -r["lr"])))
+        test = splits.test
+        base_test = correct["test"]
+        cca_test = self.test_eval("cca", best_cca, test)
+        random_tests = [self.test_eval(f"random{s}", r, test) for s, r in enumerate(random_best)]
+        general = general_deltas(self.general("base", None), self.general("cca", best_cca))
+        exported = self.export(best_cca)
+        report = build_report(c, self.m, splits, correct, kept, self.template_acc, loc_meta, dcm_meta, space,
+                              best_cca, cca_runs, random_best, base_test, cca_test, random_tests, general,
+                              self.timings, exported)
+        report["timings"]["total_this_invocation"] = round(time.perf_counter() - start, 1)
+        write_report(report, self.out)
+        log.info("stages reused: %s; computed: %s", self.store.reused, self.store.computed)
+        return report
+
+
+def random_selection(selected: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The same number of components of each kind as `selected`, drawn uniformly over all layers."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    out = {}
+    for kind, sel in selected.items():
+        flat = torch.zeros(sel.numel(), dtype=torch.bool)
+        flat[torch.randperm(sel.numel(), generator=g)[: int(sel.sum())]] = True
+        out[kind] = flat.view_as(sel)
+    return out
+
+
+def _ordered(test: list[Problem], correct: dict[tuple, bool]) -> list[bool]:
+    return [correct[p.key] for p in test]
+
+
+def build_report(c: CCAConfig, m: Loaded, splits: Splits, correct: dict, kept: list, template_acc: dict,
+                 loc_meta: dict, dcm_meta: dict, space, best_cca: dict, cca_runs: list, random_best: list,
+                 base_test: dict, cca_test: dict, random_tests: list, general: dict, timings: dict,
+                 exported: dict) -> dict:
+    """report.json: the fields the issue names, fractions in [0, 1]."""
+    test = splits.test
+    base_rep = accuracy_report(test, base_test)
+    cca_rep = accuracy_report(test, cca_test)
+    rand_reps = [accuracy_report(test, t) for t in random_tests]
+    base_v = [correct["val"][p.key] for p in splits.val]
+    selected = dcm_meta["components_selected"]
+    n_params = sum(p.numel() for p in m.model.parameters())
+    changed = best_cca["trainable_parameters"] if best_cca["best_step"] > 0 else 0
+    p_rand = [mcnemar_p(_ordered(test, cca_test), _ordered(test, t)) for t in random_tests]
+    rand_mean = sum(r["accuracy"] for r in rand_reps) / len(rand_reps) if rand_reps else None
+    return {
+        "model": m.path if c.model.name != BUILTIN else f"builtin ({m.path})",
+        "config": c.model_dump(by_alias=True),
+        "data": {"train": len(splits.train), "val": len(splits.val), "test": len(test),
+                 "templates_kept": [str(k) for k in kept], "template_threshold": c.data.template_threshold,
+                 "template_filter_measured_on": "train+val only (test untouched)",
+                 "template_trainval_accuracy": {str(k): v for k, v in template_acc.items()}},
+        "base": {"val_accuracy": macro_accuracy(list(zip([p.id for p in splits.val], base_v, strict=True))),
+                 "test_accuracy": base_rep["accuracy"], "per_template_test": base_rep["per_template"]},
+        "cca": {"val_accuracy": best_cca["best_val"], "test_accuracy": cca_rep["accuracy"],
+                "lambda": c.dcm.lambda_, "lr": best_cca["lr"], "best_step": best_cca["best_step"],
+                "kinds_updated": list(c.update.kinds), "optimizer": c.update.optimizer,
+                "components_selected": selected, "components_total": space.total,
+                "components_fraction": selected / space.total,
+                "selected_per_kind": dcm_meta["selected_per_kind"],
+                "params_changed": changed, "params_changed_fraction": changed / n_params,
+                "p_value_vs_base": mcnemar_p(_ordered(test, cca_test), _ordered(test, base_test)),
+                "p_value_vs_random": max(p_rand) if p_rand else None,
+                "p_values_vs_each_random_seed": p_rand,
+                "delta_vs_base": cca_rep["accuracy"] - base_rep["accuracy"],
+                "lr_search": [{"lr": r["lr"], "best_val": r["best_val"], "best_step": r["best_step"]}
+                              for r in cca_runs],
+                "per_template_test": cca_rep["per_template"]},
+        "random_control": {"test_accuracy": rand_mean,
+                           "seeds": [{"seed": s, "test_accuracy": rep["accuracy"],
+                                      "val_accuracy": r["best_val"],
+                                      "lr": r["lr"], "best_step": r["best_step"]}
+                                     for s, (rep, r) in enumerate(zip(rand_reps, random_best, strict=True))]},
+        "localization": {"method": loc_meta["method"], "examples": loc_meta["examples"],
+                         "dropped": loc_meta["dropped"],
+                         "generated_tokens": loc_meta.get("generated_tokens")},
+        "general": general,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "exports": exported,
+    }
