@@ -151,6 +151,8 @@ def _setup_logging(out: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole CCA pipeline on one model; resumes from OUT's stage folders."""
+    import signal
+
     from cca_ray.config import load_config
     from cca_ray.pipeline import Pipeline
     from cca_ray.report import render_markdown
@@ -158,6 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     out = Path(args.out)
     _setup_logging(out)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the vLLM engine's worker processes are shut down too;
+    # finished stages are on disk either way and a rerun resumes from them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = Pipeline(config, out, progress=not args.quiet).run()
     print(render_markdown(report))
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")

@@ -134,7 +134,10 @@ class Pipeline:
         return meta
 
     def eval_sampler(self):
-        """HF sampler on the in-memory model: it sees hooks and merged rows (updated models)."""
+        """Greedy evaluation runs on the configured backend too. HF sees the in-memory model as it
+        is (hooks, merged rows); a vLLM engine is kept in step by pushing changed weights to it."""
+        if self.config.sampling.backend != "hf":
+            return self.gen_sampler()
         if self._sampler is None:
             e = self.config.evaluation
             self._sampler = make_sampler("hf", model=self.m.model, tokenizer=self.m.tokenizer,
@@ -142,8 +145,16 @@ class Pipeline:
                                          progress=self.progress)
         return self._sampler
 
+    def push(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make a separate inference engine (vLLM) see these weights (parameter name -> tensor)."""
+        if self.config.sampling.backend == "hf" or not weights:
+            return
+        from cca_ray.sampling.vllm_backend import vllm_fused_weights
+
+        self.gen_sampler().push_weights(vllm_fused_weights(self.m.model, weights))
+
     def gen_sampler(self):
-        """The configured backend for traces and branching completions (vLLM on GPUs)."""
+        """The configured backend for traces, branching completions and evaluation."""
         s = self.config.sampling
         if s.backend == "hf":
             return make_sampler("hf", model=self.m.model, tokenizer=self.m.tokenizer,
@@ -151,12 +162,15 @@ class Pipeline:
                                 progress=self.progress)
         if self._gen_sampler is None:
             self._gen_sampler = make_sampler(s.backend, self.m.path, dtype=self.config.model.dtype,
-                                             batch_size=s.batch_size, max_new_tokens=s.max_new_tokens,
-                                             progress=self.progress)
+                                             tokenizer=self.m.tokenizer, batch_size=s.batch_size,
+                                             max_new_tokens=max(s.max_new_tokens,
+                                                                self.config.evaluation.max_new_tokens),
+                                             progress=self.progress, max_model_len=4096)
         return self._gen_sampler
 
     def greedy(self, problems: list[Problem], desc: str) -> dict[tuple, bool]:
-        return greedy_correct(self.eval_sampler(), problems, self.m.prompt(self.config), desc)
+        return greedy_correct(self.eval_sampler(), problems, self.m.prompt(self.config), desc,
+                              self.config.evaluation.max_new_tokens)
 
     # ---- stages ----------------------------------------------------------------------------
     def data(self) -> Splits:
@@ -293,11 +307,19 @@ class Pipeline:
             space = component_space(model, self.config.model.architecture)
             rows = selected_rows(model, space, selected, u.kinds)
             deltas = RowDeltas(model, rows)
-            val_acc = lambda: macro_accuracy(  # noqa: E731
-                [(p.id, ok) for p, ok in zip(val, self.greedy(val, "val").values(), strict=True)])
-            res = targeted_update(model, deltas, _examples(pivots), self.m.tokenizer.pad_token_id, val_acc,
-                                  lr=lr, steps=u.steps, optimizer=u.optimizer,
-                                  micro_batch_size=u.micro_batch_size, progress=self.progress, desc=name)
+
+            def val_acc() -> float:
+                self.push(deltas.merged_weights())
+                correct = self.greedy(val, "val")
+                return macro_accuracy([(p.id, correct[p.key]) for p in val])
+
+            try:
+                res = targeted_update(model, deltas, _examples(pivots), self.m.tokenizer.pad_token_id,
+                                      val_acc, lr=lr, steps=u.steps, optimizer=u.optimizer,
+                                      micro_batch_size=u.micro_batch_size, progress=self.progress, desc=name)
+            finally:
+                params = dict(model.named_parameters())
+                self.push({n: params[n] for n in rows})  # the engine back to the base weights
             save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(res.best_deltas)},
                       str(tmp / "best_deltas.safetensors"))
             save_file({n: r for n, r in rows.items()}, str(tmp / "rows.safetensors"))
@@ -322,12 +344,14 @@ class Pipeline:
             params = dict(self.m.model.named_parameters())
             original = {n: params[n][r].detach().clone() for n, r in rows.items()}
             new = merge_rows(self.m.model, rows, deltas)
+            self.push({n: params[n] for n in rows})
             try:
                 yield rows, new
             finally:
                 with torch.no_grad():
                     for n, r in rows.items():
                         params[n][r] = original[n]
+                self.push({n: params[n] for n in rows})
         return merged()
 
     def test_eval(self, name: str, run: dict, test: list[Problem]) -> dict[tuple, bool]:
@@ -370,7 +394,19 @@ class Pipeline:
         return {"model": str(out), "delta": str(self.out / "cca_delta.safetensors")}
 
     # ---- the whole run ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Shut a vLLM engine down (its worker processes would otherwise outlive a failed run)."""
+        if self._gen_sampler is not None:
+            self._gen_sampler.close()
+            self._gen_sampler = None
+
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(c))

@@ -11,27 +11,14 @@ import textwrap
 import pytest
 import torch
 
-from cca_ray.tiny.build import BuildSettings, build, math_text, world_data
-from cca_ray.tiny.model import TinySpec
+from cca_ray.tiny.build import BuildSettings, math_text, world_data
 from cca_ray.tiny.tokenizer import train_tokenizer
 from cca_ray.tiny.world import make_world, training_texts
 
-SMALL = BuildSettings(
-    spec=TinySpec(hidden_size=64, intermediate_size=128, layers=2, heads=2, kv_heads=1,
-                  head_dim=32, steps=40, batch_size=16, warmup=5),
-    instances_per_template=10, train_pool_per_template=20, world_countries=8,
-    eval_max_new_tokens=24,
-)
-
 
 @pytest.fixture(scope="module")
-def small_data():
-    return world_data(SMALL, progress=False)
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory, small_data):
-    return build(tmp_path_factory.mktemp("tiny") / "model", SMALL, progress=False)
+def small_data(small_settings):
+    return world_data(small_settings, progress=False)
 
 
 def test_no_val_or_test_question_is_trained_on(small_data):

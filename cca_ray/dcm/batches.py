@@ -39,7 +39,8 @@ def full_logits(model, examples: list[Example], pad_id: int) -> torch.Tensor:
 
 
 class PrefixCache:
-    """Per-example KV tensors of prefix[:-1], computed once without grad, batched on demand."""
+    """Per-example KV tensors of prefix[:-1], computed once without grad, batched on demand.
+    Sliding-window layers (Gemma-2/3, Mistral, OLMo-3) store at most their window, as in generate()."""
 
     def __init__(self, model, examples: list[Example], pad_id: int, batch_size: int = 16):
         if any(len(e.ids) < 2 for e in examples):
@@ -68,13 +69,17 @@ class PrefixCache:
         width = max(lengths)
         cache = DynamicCache(config=self.model.config)
         for layer in range(len(self.kv[indices[0]])):
-            ks, vs = [], []
-            for i, n in zip(indices, lengths, strict=True):
+            k0 = self.kv[indices[0]][layer][0]
+            shape = (len(indices), k0.shape[1], width, k0.shape[-1])
+            ks, vs = k0.new_empty(shape), k0.new_empty(shape)  # one copy per layer, no pad + cat
+            for r, i in enumerate(indices):
                 k, v = self.kv[i][layer]
-                pad = (0, 0, width - n, 0)
-                ks.append(torch.nn.functional.pad(k, pad))
-                vs.append(torch.nn.functional.pad(v, pad))
-            cache.update(torch.cat(ks), torch.cat(vs), layer)
+                # a sliding-window layer keeps only its last window-1 positions (fewer than n): the rest
+                # is padding here; update() below keeps the window, and the mask offset skips the rest
+                start = width - k.shape[-2]
+                ks[r, :, start:], vs[r, :, start:] = k[0], v[0]
+                ks[r, :, :start], vs[r, :, :start] = 0, 0  # masked, but must be finite (0 * nan = nan)
+            cache.update(ks, vs, layer)
         mask = torch.zeros((len(indices), width + 1), dtype=torch.long)
         for r, n in enumerate(lengths):
             mask[r, width - n:] = 1

@@ -4,6 +4,7 @@ desired over the undesired token with as few components as possible."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -14,6 +15,8 @@ from tqdm import tqdm
 
 from cca_ray.components import KINDS, ComponentSpace, component_space, scaled
 from cca_ray.dcm.batches import Example, PrefixCache, full_logits, logit_difference
+
+log = logging.getLogger("cca_ray")
 
 
 class DCMError(RuntimeError):
@@ -100,6 +103,8 @@ def learn_mask(model, examples: list[Example], pad_id: int, lam: float = 0.01, l
         scheduler.step()
         result.history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "selected": last_count})
         bar.set_postfix(loss=f"{result.history[-1]['loss']:.3f}", selected=last_count)
+        log.info("DCM epoch %d: loss %.4f, %d of %d selected", epoch, result.history[-1]["loss"], last_count,
+                 space.total)
         result.epochs_run = epoch + 1
         if unchanged >= patience and last_count != space.total:
             result.stopped_early = True

@@ -59,15 +59,23 @@ class VLLMSampler:
         self.max_new_tokens = max_new_tokens
         self.progress = progress
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.model_dir)
+        config = AutoConfig.from_pretrained(self.model_dir)
         try:
             generation_config: Any = GenerationConfig.from_pretrained(self.model_dir)
         except OSError:
-            generation_config = AutoConfig.from_pretrained(self.model_dir)
+            generation_config = config
         self.stop_ids = eos_ids(self.tokenizer, generation_config)
+        # vLLM refuses a max_model_len beyond the model's positions (the built-in model has 512).
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            max_model_len = min(max_model_len, positions)
         kwargs: dict[str, Any] = dict(model=self.model_dir, dtype=dtype, enable_prefix_caching=True,
-                                      max_model_len=max_model_len, seed=0)
-        if not torch.cuda.is_available():  # vLLM's CPU build: its defaults fail to start
-            kwargs.update(gpu_memory_utilization=0.2, enforce_eager=True)
+                                      max_model_len=max_model_len, seed=0,
+                                      worker_extension_cls=f"{__name__}.WeightSync")
+        if not torch.cuda.is_available():
+            # vLLM's CPU build: its memory default fails to start, and a seeded request whose prompt
+            # is prefilled in chunks crashes it ("CPU Generator does not use offset"), so no chunks.
+            kwargs.update(gpu_memory_utilization=0.1, enforce_eager=True, enable_chunked_prefill=False)
         kwargs.update(llm_kwargs)
         self._vllm = vllm
         self.llm = vllm.LLM(**kwargs)
@@ -103,6 +111,18 @@ class VLLMSampler:
                                       context) for o in samples]
         return out
 
+    def push_weights(self, modules: dict[str, Any]) -> None:
+        """Replace whole weights of vLLM linear modules (name -> [out, in] tensor, vLLM's fused
+        layout, see vllm_fused_weights) in the running engine, then drop cached prefixes (their KV
+        was computed with the old weights). How the trainer's updates reach the sampler."""
+        if not modules:
+            return
+        names = list(modules)
+        blobs = [(t.detach().to("cpu").contiguous().numpy().tobytes(), list(t.shape), str(t.dtype))
+                 for t in modules.values()]
+        self.llm.collective_rpc("cca_load_modules", args=(names, blobs))
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         """Shut the engine down and free its memory."""
         llm = getattr(self, "llm", None)
@@ -118,3 +138,55 @@ class VLLMSampler:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class WeightSync:
+    """vLLM worker extension (``worker_extension_cls``): sets whole linear weights by module name.
+
+    Same shape as the live weight: copied in place (CUDA graphs keep their pointers). vLLM's CPU
+    build repacks linear weights for oneDNN and leaves an empty tensor: then the weight is
+    replaced and the module's own post-load step repacks it."""
+
+    def cca_load_modules(self, names: list[str], blobs: list[tuple[bytes, list[int], str]]) -> bool:
+        import torch
+
+        modules = dict(self.model_runner.model.named_modules())  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for name, (data, shape, dtype) in zip(names, blobs, strict=True):
+                t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype.split(".")[-1])).view(*shape)
+                module = modules[name]
+                if module.weight.shape == t.shape:
+                    module.weight.copy_(t.to(module.weight.dtype))
+                else:
+                    module.weight = torch.nn.Parameter(t.to(module.weight.device), requires_grad=False)
+                    module.quant_method.process_weights_after_loading(module)
+        return True
+
+
+# HF projection -> (vLLM fused module, the order of the parts inside it); the same for every
+# architecture in the components table (vLLM fuses q/k/v and gate/up alike for all of them).
+_FUSED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+          "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+          "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+          "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+          "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def vllm_fused_weights(model: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """vLLM module name -> fused weight, for every fused module an HF parameter in ``overrides``
+    (name -> new weight) belongs to; the other parts come from the HF model as it is."""
+    import torch
+
+    params = dict(model.named_parameters())
+    out: dict[str, Any] = {}
+    for name in overrides:
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, proj = module_path.rpartition(".")
+        if leaf != "weight" or proj not in _FUSED:
+            raise ValueError(f"cannot push {name} to vLLM: only q/k/v/gate/up projection weights are synced")
+        fused, parts = _FUSED[proj]
+        key = f"{parent}.{fused}"
+        if key not in out:
+            weights = [overrides.get(f"{parent}.{p}.weight", params[f"{parent}.{p}.weight"]) for p in parts]
+            out[key] = torch.cat([w.detach() for w in weights])
+    return out

@@ -43,8 +43,11 @@ def apply_delta_to(model, delta: dict[str, tuple[torch.Tensor, torch.Tensor]]) -
     with torch.no_grad():
         for name, (rows, values) in delta.items():
             w = params[name]
-            if values.shape[1:] != w.shape[1:] or int(rows.max()) >= w.shape[0]:
-                raise ValueError(f"delta rows for {name} do not fit its shape {tuple(w.shape)}")
+            fits = (rows.dim() == 1 and values.shape[0] == rows.numel() and values.shape[1:] == w.shape[1:]
+                    and (rows.numel() == 0 or (int(rows.min()) >= 0 and int(rows.max()) < w.shape[0])))
+            if not fits:
+                raise ValueError(f"delta rows for {name} do not fit its shape {tuple(w.shape)} "
+                                 f"({rows.numel()} rows, values {tuple(values.shape)})")
             w[rows] = values.to(w.dtype)
             count += values.numel()
     return count

@@ -55,6 +55,18 @@ class RowDeltas(torch.nn.Module):
             for h in handles:
                 h.remove()
 
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> a copy of its weight with the current deltas added to its rows (what a
+        separate inference engine must load to see this model)."""
+        params = {n: lin.weight for n, lin in zip(self.names, self.linears, strict=True)}
+        out = {}
+        with torch.no_grad():
+            for (name, rows), d in zip(self.rows.items(), self.deltas, strict=True):
+                w = params[name].detach().clone()
+                w[rows] += d.detach().to(w.dtype)
+                out[name] = w
+        return out
+
     def snapshot(self) -> list[torch.Tensor]:
         return [d.detach().clone() for d in self.deltas]
 

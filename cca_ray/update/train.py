@@ -4,6 +4,7 @@ then every 5; the best step (step 0, the base model, included) is kept."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from tqdm import tqdm
 
 from cca_ray.dcm.batches import Example, full_logits, logit_difference
 from cca_ray.update.rows import RowDeltas
+
+log = logging.getLogger("cca_ray")
 
 
 class UpdateError(RuntimeError):
@@ -86,6 +89,8 @@ def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: i
                     best.best_step, best.best_val = step, record["val_accuracy"]
                     best.best_deltas = deltas.snapshot()
                 bar.set_postfix(loss=f"{total:.3f}", val=f"{record['val_accuracy']:.3f}")
+                log.info("%s step %d: loss %.4f, val accuracy %.4f", desc, step, total,
+                         record["val_accuracy"])
             history.append(record)
     best.history = history
     best.seconds = time.perf_counter() - start
