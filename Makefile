@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 demo: venv
-	$(BIN)/cca-ray demo --config tune_configs/default.yaml --out runs/demo
+	$(BIN)/cca-ray run --config tune_configs/default.yaml --out runs/default
 
 test: venv
 	$(BIN)/ruff check .

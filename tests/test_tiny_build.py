@@ -75,7 +75,7 @@ VLLM_SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         path, prompts = sys.argv[1], json.loads(sys.argv[2])
         llm = LLM(model=path, dtype="float32", enable_prefix_caching=True, max_model_len=512,
-                  seed=0, enforce_eager=True, gpu_memory_utilization=0.2)
+                  seed=0, enforce_eager=True, gpu_memory_utilization=0.1)
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20))
         print("RESULT" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 """)
