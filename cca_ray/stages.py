@@ -17,8 +17,11 @@ log = logging.getLogger("cca_ray")
 
 
 def stage_key(*parts: Any) -> str:
-    """A short content hash of whatever determines a stage's output (config parts, upstream keys)."""
-    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    """A short content hash of whatever determines a stage's output (config parts, upstream keys,
+    and the package version, so an upgraded cca-ray never reuses an older version's artifacts)."""
+    from cca_ray import __version__
+
+    blob = json.dumps([__version__, *parts], sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
