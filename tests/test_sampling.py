@@ -317,3 +317,25 @@ def test_vllm_sampling_gives_n_per_prompt_reproducibly(vllm_outputs, tok):
         for row in sampled:
             for c in row:
                 assert_cut_consistent(tok, c)
+
+
+def test_prompts_get_the_tokenizers_bos_once():
+    """A tokenizer that adds BOS (as Gemma's does) gets it on plain prompts, and not twice on a
+    chat-template text that already starts with it; the tiny tokenizer adds nothing."""
+    from tokenizers.processors import TemplateProcessing
+
+    from cca_ray.sampling.base import encode_prompts
+    from cca_ray.sampling.traces import prompt_token_ids
+    from cca_ray.tiny.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["Q: How many apples ? A: 3"])
+    plain = encode_prompts(tok, ["Q: How many apples ?"])[0]
+    assert tok.bos_token_id not in plain
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, bos)])
+    with_bos = encode_prompts(tok, ["Q: How many apples ?"])[0]
+    assert with_bos[0] == bos and with_bos[1:] == plain
+    chat = encode_prompts(tok, [f"{tok.bos_token}Q: How many apples ?"])[0]
+    assert chat.count(bos) == 1
+    assert prompt_token_ids(tok, ["Q: How many apples ?"]) == [with_bos]

@@ -59,8 +59,11 @@ class Sampler(Protocol):
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt token ids as every backend sees them (no special tokens added, as in training)."""
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    """Prompt token ids as every backend and every stage sees them: the tokenizer's own special
+    tokens (Gemma's BOS; the tiny tokenizer adds none), except for a text that already starts with
+    the BOS token (a chat template writes it), which would otherwise get two."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return [tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts]
 
 
 def eos_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:

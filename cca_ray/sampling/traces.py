@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from cca_ray.data.answers import is_correct
 from cca_ray.data.gsm_symbolic import Problem
+from cca_ray.sampling.base import encode_prompts
 
 
 @dataclass
@@ -33,8 +34,8 @@ class Trace:
 
 
 def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Prompt ids as the model sees them (special tokens such as Gemma's BOS included)."""
-    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    """Prompt ids as the model sees them: the same encoding the samplers use."""
+    return encode_prompts(tokenizer, prompts)
 
 
 def round_sizes(n: int) -> list[int]:
