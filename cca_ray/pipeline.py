@@ -4,6 +4,7 @@ inputs (cca_ray/stages.py), so a rerun after a crash or a kill resumes at the fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -331,28 +332,24 @@ class Pipeline:
         self._timed("update" if arm == "cca" else "random_control", meta)
         return meta | {"path": str(path)}
 
+    @contextlib.contextmanager
     def _merged(self, run: dict):
-        """Context: the base model with this run's best rows written in (restored afterwards)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def merged():
-            rows = load_file(str(Path(run["path"]) / "rows.safetensors"))
-            rows = dict(sorted(rows.items()))
-            saved = load_file(str(Path(run["path"]) / "best_deltas.safetensors"))
-            deltas = [saved[f"delta.{i}"] for i in range(len(saved))]
-            params = dict(self.m.model.named_parameters())
-            original = {n: params[n][r].detach().clone() for n, r in rows.items()}
-            new = merge_rows(self.m.model, rows, deltas)
+        """The base model with this run's best rows written in (and pushed to a vLLM engine),
+        restored afterwards; yields (rows, new row values)."""
+        rows = dict(sorted(load_file(str(Path(run["path"]) / "rows.safetensors")).items()))
+        saved = load_file(str(Path(run["path"]) / "best_deltas.safetensors"))
+        deltas = [saved[f"delta.{i}"] for i in range(len(saved))]
+        params = dict(self.m.model.named_parameters())
+        original = {n: params[n][r].detach().clone() for n, r in rows.items()}
+        new = merge_rows(self.m.model, rows, deltas)
+        self.push({n: params[n] for n in rows})
+        try:
+            yield rows, new
+        finally:
+            with torch.no_grad():
+                for n, r in rows.items():
+                    params[n][r] = original[n]
             self.push({n: params[n] for n in rows})
-            try:
-                yield rows, new
-            finally:
-                with torch.no_grad():
-                    for n, r in rows.items():
-                        params[n][r] = original[n]
-                self.push({n: params[n] for n in rows})
-        return merged()
 
     def test_eval(self, name: str, run: dict, test: list[Problem]) -> dict[tuple, bool]:
         key = stage_key("test_eval", run["path"], self.config.evaluation.max_new_tokens)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cca_ray.data.answers import is_correct, macro_accuracy, per_template_accuracy
+from cca_ray.data.answers import macro_accuracy, per_template_accuracy
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import build_prompt, solution_to_cot
 from cca_ray.data.splits import Splits, split_problems
@@ -117,34 +117,21 @@ def math_text(p: Problem) -> str:
 def greedy_correct(model, tokenizer, problems: list[Problem], settings: BuildSettings,
                    progress: bool = True, desc: str = "greedy eval") -> dict[tuple, bool]:
     """(id, instance) -> whether the greedy completion's answer is right."""
+    from cca_ray.evaluate import greedy_correct as score
     from cca_ray.sampling.hf import HFSampler
 
     sampler = HFSampler(model, tokenizer, batch_size=settings.eval_batch_size,
                         max_new_tokens=settings.eval_max_new_tokens, progress=progress)
-    prompts = [build_prompt(p.question, N_SHOTS) for p in problems]
-    outs = sampler.generate(prompts, desc=desc)
-    return {p.key: is_correct(o[0].text, p.gold) for p, o in zip(problems, outs, strict=True)}
+    return score(sampler, problems, lambda q: build_prompt(q, N_SHOTS), desc)
 
 
 def general_scores(model, tokenizer, tasks_dir: Path, batch_size: int = 32) -> dict:
-    """The three local lm-eval tasks on the in-memory model: score and standard error."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    """The three local lm-eval tasks on the in-memory model: score, standard error, chance."""
+    from cca_ray.evaluate import general_scores as scores
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=512)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=["tinyworld_mmlu", "tinyworld_trivia", "tinyworld_truthful"],
-        task_manager=TaskManager(include_path=str(tasks_dir)), num_fewshot=0,
-        log_samples=False, verbosity="ERROR")
-    out = {}
-    for name, metrics in results["results"].items():
-        key = next(k for k in metrics if k.split(",")[0] in ("acc", "exact_match"))
-        stderr = metrics.get(key.replace(",", "_stderr,", 1))
-        out[name] = {"score": metrics[key],
-                     "stderr": stderr if isinstance(stderr, (int, float)) else None,
-                     "metric": key.split(",")[0], "chance": CHANCE[name]}
-    return out
+    out = scores(model, tokenizer, list(CHANCE), {t: 0 for t in CHANCE}, tasks_dir,
+                 batch_size=batch_size, max_length=512)
+    return {name: r | {"chance": CHANCE[name]} for name, r in out.items()}
 
 
 def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
