@@ -309,8 +309,8 @@ class Pipeline:
             rows = selected_rows(model, space, selected, u.kinds)
             deltas = RowDeltas(model, rows)
 
-            def val_acc() -> float:
-                self.push(deltas.merged_weights())
+            def val_acc(weights: dict[str, torch.Tensor]) -> float:
+                self.push(weights)
                 correct = self.greedy(val, "val")
                 return macro_accuracy([(p.id, correct[p.key]) for p in val])
 

@@ -75,7 +75,7 @@ def _loss(model, examples: list[Example]) -> torch.Tensor:
 def _scripted(values: list[float]):
     """A validate() callback returning the given values in order (one per validation step)."""
     it = iter(values)
-    return lambda: next(it)
+    return lambda weights: next(it)
 
 
 INPUT = torch.tensor([[5, 17, 42, 8, 99, 3], [61, 2, 7, 33, 14, 50]])
@@ -190,7 +190,7 @@ def test_loss_goes_down(optimizer: str, lr: float) -> None:
     model = _model()
     _, deltas = _rows_and_deltas(model)
     examples = _examples()
-    result = targeted_update(model, deltas, examples, PAD, validate=lambda: 0.0, lr=lr, steps=10,
+    result = targeted_update(model, deltas, examples, PAD, validate=lambda w: 0.0, lr=lr, steps=10,
                              optimizer=optimizer, micro_batch_size=4, progress=False)
     losses = [h["loss"] for h in result.history[1:]]
     assert len(losses) == 10
@@ -214,7 +214,7 @@ def test_best_step_is_chosen_by_validation() -> None:
     # a rerun that stops at step 6 ends with exactly the deltas kept as best
     model6 = _model()
     _, deltas6 = _rows_and_deltas(model6)
-    targeted_update(model6, deltas6, examples, PAD, validate=lambda: 0.0, lr=0.05, steps=6, progress=False)
+    targeted_update(model6, deltas6, examples, PAD, validate=lambda w: 0.0, lr=0.05, steps=6, progress=False)
     for best, at6, last in zip(result.best_deltas, deltas6.snapshot(), final, strict=True):
         assert torch.equal(best, at6)
         assert not torch.equal(best, last)
@@ -223,7 +223,7 @@ def test_best_step_is_chosen_by_validation() -> None:
 def test_no_improvement_keeps_the_base_model() -> None:
     model = _model()
     _, deltas = _rows_and_deltas(model)
-    result = targeted_update(model, deltas, _examples(), PAD, validate=lambda: 0.5, lr=0.05, steps=6,
+    result = targeted_update(model, deltas, _examples(), PAD, validate=lambda w: 0.5, lr=0.05, steps=6,
                              progress=False)
     assert result.best_step == 0 and result.best_val == 0.5
     assert all(torch.equal(d, torch.zeros_like(d)) for d in result.best_deltas)
@@ -234,7 +234,7 @@ def test_exploding_lr_raises() -> None:
     model = _model()
     _, deltas = _rows_and_deltas(model)
     with pytest.raises(UpdateError, match="lower update.lr"):
-        targeted_update(model, deltas, _examples(), PAD, validate=lambda: 0.0, lr=1e30, steps=5,
+        targeted_update(model, deltas, _examples(), PAD, validate=lambda w: 0.0, lr=1e30, steps=5,
                         progress=False)
 
 
@@ -244,7 +244,7 @@ def test_nan_weights_raise() -> None:
         model.model.layers[1].self_attn.o_proj.weight.fill_(float("nan"))
     _, deltas = _rows_and_deltas(model)
     with pytest.raises(UpdateError, match="loss is nan at step 1"):
-        targeted_update(model, deltas, _examples(), PAD, validate=lambda: 0.0, lr=1e-3, steps=3,
+        targeted_update(model, deltas, _examples(), PAD, validate=lambda w: 0.0, lr=1e-3, steps=3,
                         progress=False)
 
 
@@ -252,10 +252,10 @@ def test_empty_inputs_raise() -> None:
     model = _model()
     _, deltas = _rows_and_deltas(model)
     with pytest.raises(UpdateError, match="no localisation examples"):
-        targeted_update(model, deltas, [], PAD, validate=lambda: 0.0, progress=False)
+        targeted_update(model, deltas, [], PAD, validate=lambda w: 0.0, progress=False)
     empty = RowDeltas(model, {})
     with pytest.raises(UpdateError, match="no weight rows"):
-        targeted_update(model, empty, _examples(), PAD, validate=lambda: 0.0, progress=False)
+        targeted_update(model, empty, _examples(), PAD, validate=lambda w: 0.0, progress=False)
 
 
 def test_micro_batches_accumulate_the_full_batch_gradient() -> None:
@@ -265,7 +265,7 @@ def test_micro_batches_accumulate_the_full_batch_gradient() -> None:
     for micro in (1, 4, 11):
         model = _model()
         _, deltas = _rows_and_deltas(model)
-        targeted_update(model, deltas, examples, PAD, validate=lambda: 0.0, lr=1.0, steps=1,
+        targeted_update(model, deltas, examples, PAD, validate=lambda w: 0.0, lr=1.0, steps=1,
                         micro_batch_size=micro, progress=False)
         after[micro] = deltas.snapshot()
     # the full-batch gradient computed directly

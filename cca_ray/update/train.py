@@ -39,12 +39,13 @@ class UpdateResult:
 
 
 def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: int,
-                    validate: Callable[[], float], lr: float = 1e-4, steps: int = 50,
+                    validate: Callable[[dict[str, torch.Tensor]], float], lr: float = 1e-4, steps: int = 50,
                     optimizer: str = "sgd", micro_batch_size: int = 8, progress: bool = True,
                     desc: str = "update") -> UpdateResult:
     """Train ``deltas`` (attached to ``model``) on -mean logit difference over all examples.
 
-    ``validate()`` scores the model as it stands (deltas attached) on the validation set.
+    ``validate(weights)`` scores the model as it stands (deltas attached) on the validation set;
+    ``weights`` are the current full weights of the trained parameters (for a separate engine).
     """
     if not examples:
         raise UpdateError("the update got no localisation examples")
@@ -60,7 +61,7 @@ def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: i
              for s in range(0, len(order), micro_batch_size)]
     history: list[dict] = []
     with deltas.attached():
-        best_val = validate()
+        best_val = validate(deltas.merged_weights())
         best = UpdateResult(0, best_val, deltas.snapshot(), trainable_parameters=deltas.parameter_count())
         history.append({"step": 0, "val_accuracy": best_val, "loss": None})
         bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not progress)
@@ -84,7 +85,7 @@ def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: i
                         d -= lr * d.grad
             record = {"step": step, "loss": total}
             if step in checks:
-                record["val_accuracy"] = validate()
+                record["val_accuracy"] = validate(deltas.merged_weights())
                 if record["val_accuracy"] > best.best_val:
                     best.best_step, best.best_val = step, record["val_accuracy"]
                     best.best_deltas = deltas.snapshot()
