@@ -135,7 +135,7 @@ def cmd_tiny_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(out: Path) -> None:
+def _setup_logging(out: Path, name: str = "run.log") -> None:
     """Decisions and stage reuse go to stdout and to OUT/run.log (appended across resumes)."""
     import logging
 
@@ -144,7 +144,7 @@ def _setup_logging(out: Path) -> None:
     logger = logging.getLogger("cca_ray")
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(out / "run.log")):
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(out / name)):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
 
@@ -167,6 +167,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(render_markdown(report))
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The Tune search for every model of a sweep file, then the cross-model report."""
+    import signal
+
+    from cca_ray.sweep_report import render_sweep_markdown
+    from cca_ray.tune import run_sweep
+
+    out = Path(args.out)
+    _setup_logging(out, "sweep.log")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    report = run_sweep(args.sweep, out, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
+    print(render_sweep_markdown(report))
+    print(f"wrote {out / 'sweep_report.json'} and {out / 'sweep_report.md'}")
+    return 0 if report["summary"]["failed"] == 0 else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild a sweep's cross-model report from its finished per-model results."""
+    from cca_ray.sweep_report import build_sweep_report, render_sweep_markdown
+
+    if not Path(args.dir, "models").is_dir() and not Path(args.dir, "sweep_plan.json").is_file():
+        raise _config_error(f"{args.dir}: not a sweep folder (no models/ or sweep_plan.json); "
+                            "pass the --out folder of `cca-ray sweep`")
+    report = build_sweep_report(args.dir)
+    print(render_sweep_markdown(report))
+    return 0
+
+
+def _config_error(message: str) -> Exception:
+    from cca_ray.config import ConfigError
+
+    return ConfigError(message)
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> int:
@@ -196,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output folder (stages, report.json, report.md)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="Ray Tune over lambda and lr for every model of a sweep file")
+    sw.add_argument("sweep", help="sweep YAML (e.g. tune_configs/sweep-default.yaml)")
+    sw.add_argument("--out", required=True, help="output folder (per-model results, sweep report)")
+    sw.add_argument("--resume", action="store_true",
+                    help="continue an interrupted sweep in OUT (finished trials and stages are kept)")
+    sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sw.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this command")
+    sw.set_defaults(func=cmd_sweep)
+
+    rep = sub.add_parser("report", help="rebuild a sweep's cross-model report from finished results")
+    rep.add_argument("dir", help="the --out folder of `cca-ray sweep`")
+    rep.set_defaults(func=cmd_report)
 
     ad = sub.add_parser("apply-delta", help="rebuild an updated model: BASE + sparse DELTA -> OUT")
     ad.add_argument("base", help="base model folder or hub id")

@@ -28,6 +28,9 @@ class ModelConfig(_Section):
     name: str = Field(BUILTIN, min_length=1, description="HF hub id, local folder, or 'builtin'")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     architecture: str | None = Field(None, description="override the config's model_type")
+    builtin_steps: int | None = Field(None, ge=1, le=1_000_000,
+                                      description="built-in model variant: its training steps (None = "
+                                                  "the default build)")
 
 
 class DataConfig(_Section):
@@ -88,6 +91,9 @@ class UpdateConfig(_Section):
                                  description="lrs tried for CCA and for each random seed alike (best by "
                                              "val); empty = just lr")
     random_seeds: int = Field(3, ge=0, le=100, description="random-component control runs")
+    zero_stage: int | None = Field(None, ge=0, le=3,
+                                   description="train the rows under DeepSpeed ZeRO at this stage (the "
+                                               "TrainerActor's path); None = plain in-process update")
 
     @model_validator(mode="after")
     def _grid(self) -> UpdateConfig:
@@ -110,6 +116,52 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(64, ge=1, description="greedy evaluation batch size")
 
 
+class Resources(_Section):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class ResourcesConfig(_Section):
+    """Ray resources per actor of one model (fractions allowed: a 2-core laptop shares its CPUs)."""
+
+    sampler: Resources = Field(default_factory=lambda: Resources(num_cpus=1, num_gpus=0))
+    trainer: Resources = Field(default_factory=lambda: Resources(num_cpus=1, num_gpus=0))
+    eval: Resources = Field(default_factory=lambda: Resources(num_cpus=1, num_gpus=0))
+    trial: Resources = Field(default_factory=lambda: Resources(num_cpus=0.1, num_gpus=0),
+                             description="the Tune trial's own process (it only drives its trainer)")
+
+
+class Range(_Section):
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _order(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class TuneSection(_Section):
+    """The per-model search (`cca-ray sweep`): DCM lambda and update lr, searched together."""
+
+    lambda_: Range = Field(default_factory=lambda: Range(low=0.005, high=0.1), alias="lambda")
+    lambda_digits: int = Field(2, ge=1, le=6, description="lambda rounded to this many significant "
+                                                          "digits, so trials can share masks")
+    lr: Range = Field(default_factory=lambda: Range(low=1e-3, high=1e-1))
+    search: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    num_samples: int = Field(8, ge=1, le=10_000)
+    max_concurrent_trials: int = Field(2, ge=1)
+    grace_period: int = Field(3, ge=1, description="validations before ASHA may stop a trial")
+    reduction_factor: int = Field(2, ge=2)
+    max_failures: int = Field(1, ge=0, description="retries of a trial that raised")
+    objective: Literal["val_accuracy", "val_minus_general_drop"] = "val_accuracy"
+    general_penalty: float = Field(1.0, ge=0, description="objective = val - penalty x mean general drop")
+    seed: int = Field(0, ge=0)
+
+
 class CCAConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -118,6 +170,27 @@ class CCAConfig(_Section):
     dcm: DCMConfig = Field(default_factory=DCMConfig)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tune: TuneSection = Field(default_factory=TuneSection)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
+class SweepModel(_Section):
+    key: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the model's folder name")
+    config: str = Field(description="its per-model config YAML, relative to the sweep file")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="merged into that config")
+
+
+class SweepConfig(_Section):
+    models: list[SweepModel] = Field(min_length=1)
+    max_concurrent_models: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SweepConfig:
+        keys = [m.key for m in self.models]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"model keys must be unique; repeated: {', '.join(dup)}")
+        return self
 
 
 def _field_model(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -175,3 +248,33 @@ def load_config(path: str | Path) -> CCAConfig:
 def dump_config(config: CCAConfig) -> str:
     """The config as YAML (aliases such as 'lambda' used), e.g. to store beside artifacts."""
     return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, CCAConfig]]:
+    """A sweep file and every model config it names (overrides merged in), all validated now."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such sweep file (see tune_configs/sweep-default.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        sweep = SweepConfig.model_validate(raw if raw is not None else {})
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        lines = [f"{path}: {_describe(e, SweepConfig)}" for e in exc.errors()]
+        raise ConfigError("invalid sweep file:\n  " + "\n  ".join(lines)) from None
+    configs = {}
+    for m in sweep.models:
+        cfg_path = (path.parent / m.config).resolve()
+        if not cfg_path.is_file():
+            raise ConfigError(f"{path}: models[{m.key}].config: no such file {cfg_path}")
+        base = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        configs[m.key] = parse_config(_merge(base, m.overrides), f"{cfg_path} (+ overrides of {m.key})")
+    return sweep, configs

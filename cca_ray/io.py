@@ -9,6 +9,37 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def checkpoint_reader(model_dir: str | Path):
+    """name -> tensor from an HF folder's safetensors (single file or sharded index), read lazily:
+    one tensor at a time, e.g. to restore a few base weights without loading the model."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else dict.fromkeys(_safetensors_keys(model_dir / "model.safetensors"), "model.safetensors"))
+
+    def read(name: str):
+        if name not in where:
+            raise KeyError(f"{name} is not in the checkpoint at {model_dir}")
+        with safe_open(str(model_dir / where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no safetensors checkpoint (save the model with safe_serialization)")
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
 
 def _atomic_write(path: str | Path, write) -> Path:
     path = Path(path)
@@ -17,11 +48,28 @@ def _atomic_write(path: str | Path, write) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def log_to(path: str | Path) -> None:
+    """Also append the cca_ray logger's records to this file (once per process and path): every
+    actor of a model writes its decisions into the model's run.log."""
+    import logging
+
+    path = str(Path(path).resolve())
+    logger = logging.getLogger("cca_ray")
+    logger.setLevel(logging.INFO)
+    if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(message)s"))
+    logger.addHandler(handler)
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:

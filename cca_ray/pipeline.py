@@ -32,6 +32,7 @@ from cca_ray.sampling import make_sampler
 from cca_ray.sampling.traces import Trace, collect_traces
 from cca_ray.stages import StageStore, stage_key
 from cca_ray.update import RowDeltas, merge_rows, save_delta, selected_rows, targeted_update
+from cca_ray.update.train import validation_steps
 
 log = logging.getLogger("cca_ray")
 
@@ -40,14 +41,24 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@dataclass
 class Loaded:
-    """The base model in memory, where it came from, and how it is prompted."""
+    """The base model (loaded on first use: a process that only drives a remote sampler never
+    holds the weights), its tokenizer, where it came from, and how it is prompted."""
 
-    model: torch.nn.Module
-    tokenizer: object
-    path: str
-    local_tasks: Path | None  # folder of local lm-eval task YAMLs (the built-in world's)
+    def __init__(self, path: str, tokenizer, local_tasks: Path | None, dtype: str = "float32",
+                 model: torch.nn.Module | None = None):
+        self.path, self.tokenizer, self.local_tasks, self.dtype = path, tokenizer, local_tasks, dtype
+        self._model = model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype))
+            self._model = model.to(device).eval()
+        return self._model
 
     def prompt(self, config: CCAConfig):
         d = config.data
@@ -69,29 +80,43 @@ def check_builtin_data(config: CCAConfig) -> None:
                           + "; ".join(bad) + ". Use tune_configs/default.yaml's data section.")
 
 
-def load_model(config: CCAConfig, progress: bool = True) -> Loaded:
-    """The base model: the built-in tiny model (built once into the cache) or an HF id/folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    local_tasks = None
+def model_path(config: CCAConfig, progress: bool = True) -> tuple[str, Path | None]:
+    """Where the base model lives (the built-in one is built into the cache first) and its folder
+    of local lm-eval tasks, if any."""
     name = config.model.name
     if name == BUILTIN:
         from cca_ray.tiny.build import ensure_built
 
         check_builtin_data(config)
-        path = ensure_built(progress=progress)
-        local_tasks = path / "tasks"
-    else:
-        path = name
-        if Path(name, "tasks").is_dir():
-            local_tasks = Path(name) / "tasks"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.model.dtype)).to(device)
+        path = ensure_built(builtin_settings(config), progress=progress)
+        return str(path), path / "tasks"
+    return name, (Path(name) / "tasks" if Path(name, "tasks").is_dir() else None)
+
+
+def builtin_settings(config: CCAConfig):
+    """Build settings of the built-in model variant the config names (model.builtin_steps)."""
+    from dataclasses import replace
+
+    from cca_ray.tiny.build import BuildSettings
+
+    s = BuildSettings()
+    steps = config.model.builtin_steps
+    return replace(s, spec=replace(s.spec, steps=steps)) if steps else s
+
+
+def load_model(config: CCAConfig, progress: bool = True) -> Loaded:
+    """The base model: the built-in tiny model (built once into the cache) or an HF id/folder.
+    The tokenizer and architecture are checked now; the weights load on first use."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cca_ray.components import adapter_for
+
+    path, local_tasks = model_path(config, progress)
+    adapter_for(AutoConfig.from_pretrained(path), config.model.architecture)  # fail before any work
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    component_space(model, config.model.architecture)  # unsupported architecture: fail before any work
-    return Loaded(model.eval(), tokenizer, str(path), local_tasks)
+    return Loaded(path, tokenizer, local_tasks, config.model.dtype)
 
 
 def load_problems(config: CCAConfig) -> list[Problem]:
@@ -122,12 +147,23 @@ def _correct_map(rows: list[dict]) -> dict[tuple, bool]:
 class Pipeline:
     """One CCA run on one model; every stage method returns its (reused or fresh) artifact."""
 
-    def __init__(self, config: CCAConfig, out: str | Path, progress: bool = True):
+    def __init__(self, config: CCAConfig, out: str | Path, progress: bool = True, sampler=None):
+        """``sampler``: a sampler shared with others (e.g. a client of a Ray sampler actor) that
+        takes HF-named weights in push_weights; None = start the configured backend here."""
         self.config, self.out, self.progress = config, Path(out), progress
         self.store = StageStore(self.out)
         self.timings: dict[str, float] = {}
         self._sampler = None
         self._gen_sampler = None
+        self.shared_sampler = sampler
+        self.on_validation = None  # called with {arm, lr, step, val_accuracy} at every validation
+        self._m: Loaded | None = None
+
+    @property
+    def m(self) -> Loaded:
+        if self._m is None:
+            self._m = load_model(self.config, self.progress)
+        return self._m
 
     # ---- shared pieces -------------------------------------------------------------------
     def _timed(self, name: str, meta: dict) -> dict:
@@ -137,7 +173,7 @@ class Pipeline:
     def eval_sampler(self):
         """Greedy evaluation runs on the configured backend too. HF sees the in-memory model as it
         is (hooks, merged rows); a vLLM engine is kept in step by pushing changed weights to it."""
-        if self.config.sampling.backend != "hf":
+        if self.config.sampling.backend != "hf" or self.shared_sampler is not None:
             return self.gen_sampler()
         if self._sampler is None:
             e = self.config.evaluation
@@ -148,7 +184,12 @@ class Pipeline:
 
     def push(self, weights: dict[str, torch.Tensor]) -> None:
         """Make a separate inference engine (vLLM) see these weights (parameter name -> tensor)."""
-        if self.config.sampling.backend == "hf" or not weights:
+        if not weights:
+            return
+        if self.shared_sampler is not None:
+            self.shared_sampler.push_weights(weights)
+            return
+        if self.config.sampling.backend == "hf":
             return
         from cca_ray.sampling.vllm_backend import vllm_fused_weights
 
@@ -157,6 +198,8 @@ class Pipeline:
     def gen_sampler(self):
         """The configured backend for traces, branching completions and evaluation."""
         s = self.config.sampling
+        if self.shared_sampler is not None:
+            return self.shared_sampler
         if s.backend == "hf":
             return make_sampler("hf", model=self.m.model, tokenizer=self.m.tokenizer,
                                 batch_size=s.batch_size, max_new_tokens=s.max_new_tokens,
@@ -307,17 +350,27 @@ class Pipeline:
             model = self.m.model
             space = component_space(model, self.config.model.architecture)
             rows = selected_rows(model, space, selected, u.kinds)
-            deltas = RowDeltas(model, rows)
+            marks = iter(validation_steps(u.steps))
 
             def val_acc(weights: dict[str, torch.Tensor]) -> float:
                 self.push(weights)
                 correct = self.greedy(val, "val")
-                return macro_accuracy([(p.id, correct[p.key]) for p in val])
+                acc = macro_accuracy([(p.id, correct[p.key]) for p in val])
+                if self.on_validation is not None:
+                    self.on_validation({"arm": arm, "lr": lr, "step": next(marks), "val_accuracy": acc})
+                return acc
 
+            examples, pad = _examples(pivots), self.m.tokenizer.pad_token_id
+            common = dict(lr=lr, steps=u.steps, optimizer=u.optimizer, micro_batch_size=u.micro_batch_size,
+                          progress=self.progress, desc=name)
             try:
-                res = targeted_update(model, deltas, _examples(pivots), self.m.tokenizer.pad_token_id,
-                                      val_acc, lr=lr, steps=u.steps, optimizer=u.optimizer,
-                                      micro_batch_size=u.micro_batch_size, progress=self.progress, desc=name)
+                if u.zero_stage is None:
+                    res = targeted_update(model, RowDeltas(model, rows), examples, pad, val_acc, **common)
+                else:
+                    from cca_ray.update.zero import zero_targeted_update
+
+                    res = zero_targeted_update(model, rows, examples, pad, val_acc, zero_stage=u.zero_stage,
+                                               **common)
             finally:
                 params = dict(model.named_parameters())
                 self.push({n: params[n] for n in rows})  # the engine back to the base weights
@@ -403,39 +456,62 @@ class Pipeline:
         finally:
             self.close()
 
+    def prepare(self) -> Prepared:
+        """The stages every search trial shares: data, base evaluation and template filter,
+        traces, localisation (computed once, then reused from the stage store)."""
+        splits = self.data()
+        correct, kept = self.base_eval(splits)
+        traces = self.traces(splits, kept)
+        pivots, loc_meta = self.localization(traces)
+        return Prepared(splits, correct, kept, pivots, loc_meta)
+
+    def best_update(self, arm: str, selected: dict[str, torch.Tensor], p: Prepared) -> tuple[dict, list]:
+        """The update at every lr of the grid; the best by validation (ties: the smaller lr)."""
+        runs = [self.update_run(arm, selected, p.pivots, lr, p.splits.val) for lr in self.config.update.lrs]
+        return max(runs, key=lambda r: (r["best_val"], -r["lr"])), runs
+
     def _run(self) -> dict:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(c))
         start = time.perf_counter()
-        self.m = load_model(c, self.progress)
-        splits = self.data()
-        correct, kept = self.base_eval(splits)
-        traces = self.traces(splits, kept)
-        pivots, loc_meta = self.localization(traces)
-        masks, dcm_meta = self.dcm(pivots)
+        _ = self.m  # an unsupported architecture or a missing model fails before any stage
+        prep = self.prepare()
+        masks, dcm_meta = self.dcm(prep.pivots)
         selected = {k: m > 0.5 for k, m in masks.items()}
-        space = component_space(self.m.model, c.model.architecture)
-        cca_runs = [self.update_run("cca", selected, pivots, lr, splits.val) for lr in c.update.lrs]
-        best_cca = max(cca_runs, key=lambda r: (r["best_val"], -r["lr"]))
-        random_best = []
-        for seed in range(c.update.random_seeds):
-            chosen = random_selection(selected, seed)
-            runs = [self.update_run(f"random{seed}", chosen, pivots, lr, splits.val) for lr in c.update.lrs]
-            random_best.append(max(runs, key=lambda r: (r["best_val"], -r["lr"])))
-        test = splits.test
-        base_test = correct["test"]
-        cca_test = self.test_eval("cca", best_cca, test)
-        random_tests = [self.test_eval(f"random{s}", r, test) for s, r in enumerate(random_best)]
-        general = general_deltas(self.general("base", None), self.general("cca", best_cca))
-        exported = self.export(best_cca)
-        report = build_report(c, self.m, splits, correct, kept, self.template_acc, loc_meta, dcm_meta, space,
-                              best_cca, cca_runs, random_best, base_test, cca_test, random_tests, general,
-                              self.timings, exported)
+        best_cca, cca_runs = self.best_update("cca", selected, prep)
+        random_best = [self.best_update(f"random{seed}", random_selection(selected, seed), prep)[0]
+                       for seed in range(c.update.random_seeds)]
+        report = self.final_report(prep, dcm_meta, best_cca, cca_runs, random_best)
         report["timings"]["total_this_invocation"] = round(time.perf_counter() - start, 1)
         write_report(report, self.out)
         log.info("stages reused: %s; computed: %s", self.store.reused, self.store.computed)
         return report
+
+    def final_report(self, prep: Prepared, dcm_meta: dict, best_cca: dict, cca_runs: list,
+                     random_best: list) -> dict:
+        """Test evaluation of the chosen updates, the general suite before/after, the export and
+        report.json's content (the test split is touched only here)."""
+        test = prep.splits.test
+        cca_test = self.test_eval("cca", best_cca, test)
+        random_tests = [self.test_eval(f"random{s}", r, test) for s, r in enumerate(random_best)]
+        general = general_deltas(self.general("base", None), self.general("cca", best_cca))
+        exported = self.export(best_cca)
+        space = component_space(self.m.model, self.config.model.architecture)
+        return build_report(self.config, self.m, prep.splits, prep.correct, prep.kept, self.template_acc,
+                            prep.loc_meta, dcm_meta, space, best_cca, cca_runs, random_best,
+                            prep.correct["test"], cca_test, random_tests, general, self.timings, exported)
+
+
+@dataclass
+class Prepared:
+    """What the shared stages produced: splits, base correctness, kept templates, pivots."""
+
+    splits: Splits
+    correct: dict
+    kept: list
+    pivots: list[Pivot]
+    loc_meta: dict
 
 
 def random_selection(selected: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

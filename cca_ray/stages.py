@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 log = logging.getLogger("cca_ray")
 
 
@@ -49,10 +51,18 @@ class StageStore:
         """
         final = self.path(name, key)
         meta = self.meta(name, key)
-        if meta is not None:
-            log.info("stage %s: reused %s", name, final)
-            self.reused.append(name)
-            return final, meta
+        if meta is None:
+            # processes sharing the store (Tune trials with the same lambda) compute a stage once:
+            # the one holding the lock computes, the others wait and reuse its folder
+            with FileLock(str(final) + ".lock"):
+                meta = self.meta(name, key)
+                if meta is None:
+                    return final, self._compute(name, key, final, compute)
+        log.info("stage %s: reused %s", name, final)
+        self.reused.append(name)
+        return final, meta
+
+    def _compute(self, name: str, key: str, final: Path, compute: Callable[[Path], dict | None]) -> dict:
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -66,4 +76,4 @@ class StageStore:
         tmp.rename(final)
         self.computed.append(name)
         log.info("stage %s: done in %.1f s", name, meta["seconds"])
-        return final, meta
+        return meta

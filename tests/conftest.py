@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TEMPLATES = REPO.parent / "shared" / "data" / "gsm-symbolic" / "templates" / "symbolic"
 BUILTIN_TEMPLATES = REPO / "cca_ray" / "tiny" / "templates"
+SMALL_TOKENS = 24  # generation limit of the tests that run the pipeline on the small model
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,33 @@ def small_model(tmp_path_factory, small_settings) -> Path:
     from cca_ray.tiny.build import build
 
     return build(tmp_path_factory.mktemp("tiny") / "model", small_settings, progress=False)
+
+
+@pytest.fixture(scope="session")
+def problems_file(small_model, tmp_path_factory) -> Path:
+    """Problems for the small model with contrasting traces: half take its own greedy answer as
+    gold (greedy right), half that answer + 1 (greedy wrong)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cca_ray.data.answers import extract_answer
+    from cca_ray.data.prompts import build_prompt
+    from cca_ray.data.templates import instantiate_templates, load_templates
+    from cca_ray.io import write_jsonl
+    from cca_ray.sampling import make_sampler
+    from cca_ray.tiny import TEMPLATES_DIR
+
+    tok = AutoTokenizer.from_pretrained(small_model)
+    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
+    problems, _ = instantiate_templates(load_templates(TEMPLATES_DIR)[:4], 16, seed=3, progress=False)
+    sampler = make_sampler("hf", model=model, tokenizer=tok, batch_size=64, max_new_tokens=SMALL_TOKENS,
+                           progress=False)
+    outs = sampler.generate([build_prompt(p.question, 0) for p in problems])
+    rows = []
+    for p, o in zip(problems, outs, strict=True):
+        answer = extract_answer(o[0].text)
+        gold = int(answer) if answer is not None and answer == int(answer) else 7
+        gold += p.instance % 2  # odd instances: greedy is wrong
+        rows.append(p.to_row() | {"answer": f"Made-up solution.\n#### {gold}"})
+    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
+    write_jsonl(rows, path)
+    return path

@@ -21,36 +21,8 @@ import yaml
 
 from cca_ray.cli import main
 from cca_ray.config import parse_config
-from cca_ray.data.answers import extract_answer
-from cca_ray.data.prompts import build_prompt
-from cca_ray.data.templates import instantiate_templates, load_templates
-from cca_ray.io import write_jsonl
-from cca_ray.tiny import TEMPLATES_DIR
 
 TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def problems_file(small_model, tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cca_ray.sampling import make_sampler
-
-    tok = AutoTokenizer.from_pretrained(small_model)
-    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
-    problems, _ = instantiate_templates(load_templates(TEMPLATES_DIR)[:4], 16, seed=3, progress=False)
-    sampler = make_sampler("hf", model=model, tokenizer=tok, batch_size=64, max_new_tokens=TOKENS,
-                           progress=False)
-    outs = sampler.generate([build_prompt(p.question, 0) for p in problems])
-    rows = []
-    for p, o in zip(problems, outs, strict=True):
-        answer = extract_answer(o[0].text)
-        gold = int(answer) if answer is not None and answer == int(answer) else 7
-        gold += p.instance % 2  # odd instances: greedy is wrong
-        rows.append(p.to_row() | {"answer": f"Made-up solution.\n#### {gold}"})
-    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
-    write_jsonl(rows, path)
-    return path
 
 
 def _config(small_model: Path, problems: Path, **over) -> dict:

@@ -6,6 +6,7 @@ A script that builds one must start under ``if __name__ == "__main__":`` (vLLM s
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,14 @@ _FUSED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
 def vllm_fused_weights(model: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     """vLLM module name -> fused weight, for every fused module an HF parameter in ``overrides``
     (name -> new weight) belongs to; the other parts come from the HF model as it is."""
+    params = dict(model.named_parameters())
+    return fused_weights(lambda name: params[name], overrides)
+
+
+def fused_weights(base: Callable[[str], Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """As vllm_fused_weights, with the parts not overridden read through ``base(hf_name)``."""
     import torch
 
-    params = dict(model.named_parameters())
     out: dict[str, Any] = {}
     for name in overrides:
         module_path, _, leaf = name.rpartition(".")
@@ -187,6 +193,7 @@ def vllm_fused_weights(model: Any, overrides: dict[str, Any]) -> dict[str, Any]:
         fused, parts = _FUSED[proj]
         key = f"{parent}.{fused}"
         if key not in out:
-            weights = [overrides.get(f"{parent}.{p}.weight", params[f"{parent}.{p}.weight"]) for p in parts]
+            weights = [overrides[f"{parent}.{p}.weight"] if f"{parent}.{p}.weight" in overrides
+                       else base(f"{parent}.{p}.weight") for p in parts]
             out[key] = torch.cat([w.detach() for w in weights])
     return out

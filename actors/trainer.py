@@ -1,0 +1,90 @@
+"""TrainerActor: one model in memory, DeepSpeed initialised when the config asks for ZeRO; runs the
+trial's DCM (mask cached per lambda in the shared stage store) and its targeted update, streaming
+every validation back to the Tune trial that drives it."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cca_ray.config import parse_config
+from cca_ray.pipeline import Pipeline
+
+
+class Trainer:
+    """The trainer role (plain class; TrainerActor is its Ray actor)."""
+
+    def __init__(self, config: dict, out: str, sampler: Any = None):
+        from actors.sampler import SamplerClient
+        from cca_ray.io import log_to
+
+        log_to(Path(out) / "run.log")
+
+        c = parse_config(config)
+        if c.update.zero_stage is not None:
+            from cca_ray.update.zero import deepspeed_env, init_distributed
+
+            deepspeed_env()
+            init_distributed()
+        self.pipe = Pipeline(c, out, progress=False, sampler=SamplerClient(sampler) if sampler else None)
+        self.prep = self.pipe.prepare()  # reused from the store: the model's job computed it once
+        self.selected = None
+
+    def dcm(self) -> dict:
+        """The mask for this config's lambda (computed by the first trial that needs it)."""
+        masks, meta = self.pipe.dcm(self.prep.pivots)
+        self.selected = {k: m > 0.5 for k, m in masks.items()}
+        return meta
+
+    def update(self, arm: str = "cca") -> Iterator[dict]:
+        """Yields {"kind": "validation", step, val_accuracy} as the update validates, then
+        {"kind": "final", ...the run's meta, path}. A reused run replays its stored history."""
+        if self.selected is None:
+            self.dcm()
+        events: queue.Queue = queue.Queue()
+        self.pipe.on_validation = events.put
+        outcome: dict = {}
+
+        def work() -> None:
+            try:
+                outcome["run"] = self.pipe.update_run(arm, self.selected, self.prep.pivots,
+                                                      self.pipe.config.update.lr, self.prep.splits.val)
+            except BaseException as exc:  # re-raised in the actor's thread below
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        streamed = 0
+        while (event := events.get()) is not None:
+            streamed += 1
+            yield {"kind": "validation", **event}
+        thread.join()
+        self.pipe.on_validation = None
+        if "error" in outcome:
+            raise outcome["error"]
+        run = outcome["run"]
+        if not streamed:
+            import json
+
+            history = json.loads((Path(run["path"]) / "history.json").read_text())
+            for h in history:
+                if "val_accuracy" in h:
+                    yield {"kind": "validation", "arm": arm, "lr": run["lr"], "step": h["step"],
+                           "val_accuracy": h["val_accuracy"], "replayed": True}
+        yield {"kind": "final", **run}
+
+    def general_deltas(self, run: dict) -> dict:
+        """lm-eval before/after for this run's best step (the objective's regression penalty)."""
+        from cca_ray.evaluate import general_deltas
+
+        return general_deltas(self.pipe.general("base", None), self.pipe.general("cca", run))
+
+
+TrainerActor = ray.remote(Trainer)
