@@ -376,6 +376,8 @@ class Pipeline:
                 self.push({n: params[n] for n in rows})  # the engine back to the base weights
             save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(res.best_deltas)},
                       str(tmp / "best_deltas.safetensors"))
+            save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(res.last_deltas)},
+                      str(tmp / "last_deltas.safetensors"))
             save_file({n: r for n, r in rows.items()}, str(tmp / "rows.safetensors"))
             write_json(res.history, tmp / "history.json")
             return {"arm": arm, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,

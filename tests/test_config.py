@@ -6,14 +6,54 @@ from pathlib import Path
 
 import pytest
 
-from cca_ray.config import CCAConfig, ConfigError, dump_config, load_config, parse_config
+from cca_ray.config import CCAConfig, ConfigError, dump_config, load_config, load_sweep, parse_config
 
 TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
 
 
-@pytest.mark.parametrize("path", sorted(TUNE_CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(p for p in TUNE_CONFIGS.glob("*.yaml")
+                                         if not p.name.startswith("sweep")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     assert isinstance(load_config(path), CCAConfig)
+
+
+@pytest.mark.parametrize("path", sorted(TUNE_CONFIGS.glob("sweep*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_validate(path):
+    sweep, configs = load_sweep(path)
+    assert len(sweep.models) >= 2 and set(configs) == {m.key for m in sweep.models}
+
+
+def test_real_sweep_names_the_six_models_with_reference_lambdas():
+    _, configs = load_sweep(TUNE_CONFIGS / "sweep-real.yaml")
+    names = {c.model.name for c in configs.values()}
+    assert names == {"google/gemma-2-2b-it", "google/gemma-2-9b-it", "allenai/OLMo-2-1124-7B-Instruct",
+                     "allenai/OLMo-2-1124-13B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+                     "Qwen/Qwen2.5-7B-Instruct"}
+    for c in configs.values():
+        assert c.tune.lambda_.low <= c.dcm.lambda_ <= c.tune.lambda_.high
+        assert c.resources.trainer.num_gpus >= 1 and c.update.zero_stage == 2
+
+
+def test_builtin_sweep_has_two_model_variants():
+    _, configs = load_sweep(TUNE_CONFIGS / "sweep-default.yaml")
+    assert [c.model.name for c in configs.values()] == ["builtin", "builtin"]
+    assert len({c.model.builtin_steps for c in configs.values()}) == 2
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("models: []\n", "models: List should have at least 1 item"),
+     ("models:\n  - {key: a, config: default.yaml}\n  - {key: a, config: default.yaml}\n", "repeated: a"),
+     ("models:\n  - {key: a, config: nope.yaml}\n", "no such file"),
+     ("models:\n  - {key: a, config: default.yaml, overrides: {dcm: {lamda: 1}}}\n",
+      "dcm.lamda: unknown key"),
+     ("models:\n  - {key: 'a b', config: default.yaml}\n", "models.0.key")],
+)
+def test_bad_sweep_files_name_the_field(tmp_path, text, expected):
+    (tmp_path / "default.yaml").write_text((TUNE_CONFIGS / "default.yaml").read_text())
+    (tmp_path / "sweep.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        load_sweep(tmp_path / "sweep.yaml")
 
 
 def test_defaults_are_the_method_doc_numbers():

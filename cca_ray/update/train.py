@@ -36,6 +36,7 @@ class UpdateResult:
     history: list[dict] = field(default_factory=list)
     trainable_parameters: int = 0
     seconds: float = 0.0
+    last_deltas: list[torch.Tensor] = field(default_factory=list)  # after the last step (drift checks)
 
 
 def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: int,
@@ -94,5 +95,6 @@ def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: i
                          record["val_accuracy"])
             history.append(record)
     best.history = history
+    best.last_deltas = deltas.snapshot()
     best.seconds = time.perf_counter() - start
     return best

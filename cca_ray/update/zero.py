@@ -233,4 +233,5 @@ def _train(engine, trained: _Rows, micro: list[list[Example]], n_examples: int, 
             bar.set_postfix(loss=f"{total:.3f}", val=f"{record['val_accuracy']:.3f}")
             log.info("%s step %d: loss %.4f, val accuracy %.4f", desc, step, total, record["val_accuracy"])
         best.history.append(record)
+    best.last_deltas = trained.deltas()
     return best

@@ -1,0 +1,100 @@
+"""The Ray actors on a real local Ray: the shared SamplerActor (vLLM's CPU build) keeps each
+client's weights apart, and the TrainerActor's DeepSpeed ZeRO-2 update matches the plain one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+from test_pipeline import _config
+
+from cca_ray.config import parse_config
+from cca_ray.pipeline import Pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_sampler_actor_keeps_each_clients_weights(local_ray, small_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.sampler import SamplerActor, SamplerClient
+    from cca_ray.sampling import make_sampler
+
+    prompts = [f"Q: What is {a} plus {b}?\nA:" for a, b in ((3, 4), (12, 9), (7, 7), (20, 5))]
+    tok = AutoTokenizer.from_pretrained(small_model)
+    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
+    hf = make_sampler("hf", model=model, tokenizer=tok, max_new_tokens=16, progress=False)
+    base_hf = [o[0].token_ids for o in hf.generate(prompts)]
+
+    actor = SamplerActor.options(num_cpus=0.5).remote("vllm", str(small_model), "float32", 16, 16, 512)
+    a, b = SamplerClient(actor), SamplerClient(actor)
+    base = [o[0].token_ids for o in a.generate(prompts)]
+    assert base == base_hf  # vLLM in the actor == HF greedy
+
+    params = dict(model.named_parameters())
+    changed = {n: params[n].detach() * 0 for n in params if n.endswith("mlp.up_proj.weight")}
+    a.push_weights(changed)  # client a: every MLP neuron switched off
+    with torch.no_grad():
+        for n, w in changed.items():
+            params[n].copy_(w)
+    changed_hf = [o[0].token_ids for o in hf.generate(prompts)]
+    assert changed_hf != base_hf
+    assert [o[0].token_ids for o in a.generate(prompts)] == changed_hf
+    assert [o[0].token_ids for o in b.generate(prompts)] == base  # b never pushed: the checkpoint
+    assert [o[0].token_ids for o in a.generate(prompts)] == changed_hf  # a's weights again
+    loads = ray.get(actor.stats.remote())["loads"]
+    a.generate(prompts)
+    assert ray.get(actor.stats.remote())["loads"] == loads  # unchanged state: nothing reloaded
+    ray.get(actor.close.remote())
+    ray.kill(actor)
+
+
+def test_trainer_actor_zero2_update_matches_plain_update(local_ray, small_model, problems_file, tmp_path):
+    from actors.trainer import TrainerActor
+
+    update = {"lr_grid": [], "lr": 0.05, "random_seeds": 0, "steps": 4, "kinds": ["v", "mlp"],
+              "zero_stage": 2}
+    raw = _config(small_model, problems_file, update=update)
+    out = tmp_path / "out"
+    trainer = TrainerActor.options(num_cpus=0.5).remote(raw, str(out), None)
+    events = [ray.get(ref) for ref in trainer.update.remote()]
+    ray.kill(trainer)
+    assert [e["step"] for e in events if e["kind"] == "validation"] == [0, 2, 4]
+    zero_run = events[-1]
+    assert events[-1]["kind"] == "final"
+
+    plain_config = parse_config(raw | {"update": raw["update"] | {"zero_stage": None}})
+    plain = Pipeline(plain_config, out, progress=False)
+    prep = plain.prepare()
+    masks, _ = plain.dcm(prep.pivots)
+    assert plain.store.computed == []  # data .. dcm were the trainer's: reused
+    run = plain.update_run("cca", {k: m > 0.5 for k, m in masks.items()}, prep.pivots, 0.05, prep.splits.val)
+    assert run["path"] != zero_run["path"]  # a separate artifact (zero_stage is part of the key)
+
+    def history(r):
+        return [h.get("val_accuracy") for h in json.loads((Path(r["path"]) / "history.json").read_text())]
+
+    assert history(run) == history(zero_run)
+    zero_rows = load_file(str(Path(zero_run["path"]) / "rows.safetensors"))
+    plain_rows = load_file(str(Path(run["path"]) / "rows.safetensors"))
+    assert zero_rows.keys() == plain_rows.keys() and all(torch.equal(zero_rows[k], plain_rows[k])
+                                                         for k in zero_rows)
+    assert zero_run["best_step"] == run["best_step"]
+    # the rows after the last step (4 SGD steps under ZeRO-2 in the actor vs in-process hooks)
+    zd = load_file(str(Path(zero_run["path"]) / "last_deltas.safetensors"))
+    pd = load_file(str(Path(run["path"]) / "last_deltas.safetensors"))
+    assert zd.keys() == pd.keys()
+    assert min(pd[k].abs().max().item() for k in pd) > 1e-4  # the rows really moved
+    diff = max((zd[k] - pd[k]).abs().max().item() for k in zd)
+    assert diff <= 1e-6, diff  # float32 order of operations: (W + D) x vs W x + D x
