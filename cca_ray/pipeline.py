@@ -85,10 +85,14 @@ def model_path(config: CCAConfig, progress: bool = True) -> tuple[str, Path | No
     of local lm-eval tasks, if any."""
     name = config.model.name
     if name == BUILTIN:
-        from cca_ray.tiny.build import ensure_built
+        from cca_ray.tiny.build import default_model_dir, ensure_built, is_built
 
         check_builtin_data(config)
-        path = ensure_built(builtin_settings(config), progress=progress)
+        settings = builtin_settings(config)
+        if not is_built(default_model_dir(settings)):
+            log.info("building the built-in model (%d training steps; about 13 minutes on 2 cores at the "
+                     "default 3600) into %s", settings.spec.steps, default_model_dir(settings))
+        path = ensure_built(settings, progress=progress)
         return str(path), path / "tasks"
     return name, (Path(name) / "tasks" if Path(name, "tasks").is_dir() else None)
 

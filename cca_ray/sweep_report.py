@@ -163,7 +163,7 @@ def _fraction_pct(x: float | None) -> str:
 
 
 def _g(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:g}"
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def _min_s(seconds: float | None) -> str:

@@ -212,7 +212,7 @@ def tune_model(key: str, config: dict, out: str, resume: bool = False, progress:
     finally:
         ray.kill(sampler)
         remove_placement_group(pg)
-    result = {"model": report["model"], "model_key": key, "status": "finished",
+    result = {"model": display_name(key, c), "model_key": key, "model_path": path, "status": "finished",
               "base": report["base"], "cca": report["cca"], "general": report["general"],
               "random_control": report["random_control"],
               "wall_seconds": round(time.time() - start, 1), "trials": trials,
@@ -267,6 +267,17 @@ def run_sweep(sweep_path: str | Path, out: str | Path, resume: bool = False, add
             write_json({"model": configs[key].model.name, "model_key": key, "status": "failed",
                         "error": str(exc)[-2000:]}, out / "models" / key / "result.json")
     return build_sweep_report(out)
+
+
+def display_name(key: str, c: CCAConfig) -> str:
+    """The report's name of a model: its key, and what it is when the key does not say it."""
+    from cca_ray.config import BUILTIN
+
+    name = c.model.name
+    if name == BUILTIN:
+        steps = c.model.builtin_steps
+        name = f"built-in tiny model ({f'{steps} training steps' if steps else 'default build'})"
+    return key if key == name else f"{key}: {name}"
 
 
 def _finished(model_dir: Path) -> bool:
