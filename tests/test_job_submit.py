@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,18 +49,33 @@ def test_ray_job_submit_runs_a_sweep_on_a_local_head(small_model, problems_file,
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
-    start = [str(BIN / "ray"), "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dash}",
-             "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    start = [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats"]
+    # --block in its own session: every process of this head shares one process group, so the test
+    # stops exactly this head (`ray stop` would stop every Ray of the user)
+    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError as exc:  # it answers: up (401 without the token: auth is on)
+                assert exc.code == 401, exc
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "the Ray head did not start"
+                time.sleep(1)
         submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                   "--working-dir", str(REPO), "--", "cca-ray", "sweep", str(sweep), "--out", str(out)]
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         assert "succeeded" in done.stdout.lower()
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
     report = json.loads((out / "sweep_report.json").read_text())
     assert report["summary"]["finished"] == 1
     assert report["models"]["small"]["trials"] == 2
