@@ -217,3 +217,14 @@ def test_log_x_only_when_fractions_span_more_than_10x():
     assert not use_log_x([0.01, 0.05])
     assert not use_log_x([0.0, 0.5])
     assert not use_log_x([])
+
+
+def test_cli_report_rebuilds_and_refuses_a_non_sweep_folder(sweep, tmp_path, capsys):
+    from cca_ray.cli import main
+
+    (sweep / "sweep_report.json").unlink(missing_ok=True)
+    assert main(["report", str(sweep)]) == 0
+    assert json.loads((sweep / "sweep_report.json").read_text())["summary"]["models"] >= 2
+    assert "| model |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a sweep folder" in capsys.readouterr().err
