@@ -1,0 +1,188 @@
+"""The paper's fine-tuning baselines: supervised fine-tuning on GSym-Train's reference answers
+(prompt tokens masked out of the loss), on all parameters or through LoRA adapters (peft), with
+AdamW, a cosine schedule, gradient-norm clipping and weight decay; validated like the targeted
+update (step 0 included, best step kept)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from cca_ray.data.gsm_symbolic import Problem
+from cca_ray.data.prompts import solution_to_cot
+from cca_ray.sampling.base import encode_prompts
+from cca_ray.update.train import UpdateError
+
+log = logging.getLogger("cca_ray")
+
+IGNORE = -100  # label of a token the loss skips (prompt and padding)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class SFTExample:
+    ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+
+
+def sft_examples(problems: list[Problem], prompt: Callable[[str], str], tokenizer,
+                 max_length: int = 2048) -> list[SFTExample]:
+    """Prompt (as every stage encodes it) + " " + the reference chain of thought + EOS; only the
+    answer tokens carry labels. Examples longer than max_length are cut at the end."""
+    prompts = encode_prompts(tokenizer, [prompt(p.question) for p in problems])
+    out = []
+    for p, prompt_ids in zip(problems, prompts, strict=True):
+        target = tokenizer(f" {solution_to_cot(p.answer)}", add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            target = target + [tokenizer.eos_token_id]
+        ids = (prompt_ids + target)[:max_length]
+        labels = ([IGNORE] * len(prompt_ids) + target)[:max_length]
+        if any(label != IGNORE for label in labels):
+            out.append(SFTExample(ids, labels))
+    return out
+
+
+def collate(batch: list[SFTExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (IGNORE on padding)."""
+    n = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.ids)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def cosine_lr(step: int, steps: int, warmup: int) -> float:
+    """Multiplier of the base lr: linear warmup, then cosine decay to 0 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class SFTResult:
+    best_step: int
+    best_val: float
+    best_weights: dict[str, torch.Tensor]  # changed parameters at the best step (LoRA: merged)
+    history: list[dict] = field(default_factory=list)
+    trainable_parameters: int = 0
+    changed_parameters: int = 0  # entries of the base model the best model changes
+    seconds: float = 0.0
+
+
+def _lora(model, r: int, alpha: int, dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in present]
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=targets, bias="none"))
+
+
+def _merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
+    """Base parameter name -> W + scale * B A for every LoRA-wrapped linear (what export merges)."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight"):
+            base_name = name.replace("base_model.model.", "", 1) + ".weight"
+            with torch.no_grad():
+                delta = module.get_delta_weight("default")
+                out[base_name] = (module.base_layer.weight + delta).detach().cpu().clone()
+    return out
+
+
+def finetune(model, examples: list[SFTExample], pad_id: int,
+             validate: Callable[[dict[str, torch.Tensor]], float], method: str = "full", lr: float = 1e-5,
+             steps: int = 100, batch_size: int = 8, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+             warmup_fraction: float = 0.03, eval_every: int = 10, seed: int = 0, lora_r: int = 16,
+             lora_alpha: int = 32, lora_dropout: float = 0.1, progress: bool = True,
+             desc: str = "sft") -> SFTResult:
+    """Fine-tune on ``examples`` for ``steps`` optimizer steps; ``validate(weights)`` scores the
+    model as it stands (weights: the changed parameters' current values) at step 0, every
+    ``eval_every`` steps and at the end. The model is left holding its BASE weights; the best
+    step's changed weights are returned (apply them with load_state_dict(strict=False))."""
+    if method not in ("full", "lora"):
+        raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
+    if not examples:
+        raise UpdateError("fine-tuning got no training examples")
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    net = _lora(model, lora_r, lora_alpha, lora_dropout) if method == "lora" else model
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    warmup = max(1, int(warmup_fraction * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    rng = random.Random(seed)
+
+    def current() -> dict[str, torch.Tensor]:
+        if method == "lora":
+            return _merged_lora_weights(net)
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+    def batches():
+        while True:
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            for s in range(0, max(1, len(order) - batch_size + 1), batch_size):
+                yield [examples[i] for i in order[s : s + batch_size]]
+
+    checks = set(range(0, steps + 1, max(1, eval_every))) | {steps}
+    net.eval()
+    weights = current()
+    best = SFTResult(0, validate(weights), weights, trainable_parameters=sum(p.numel() for p in params))
+    best.history.append({"step": 0, "val_accuracy": best.best_val, "loss": None})
+    it = batches()
+    bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not progress)
+    try:
+        for step in bar:
+            net.train()
+            out = net(**collate(next(it), pad_id, device))
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise UpdateError(f"fine-tuning loss is {loss.item()} at step {step} (lr {lr}): lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            record = {"step": step, "loss": loss.item()}
+            if step in checks:
+                net.eval()
+                weights = current()
+                record["val_accuracy"] = validate(weights)
+                if record["val_accuracy"] > best.best_val:
+                    best.best_step, best.best_val, best.best_weights = step, record["val_accuracy"], weights
+                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{record['val_accuracy']:.3f}")
+                log.info("%s step %d: loss %.4f, val accuracy %.4f", desc, step, loss.item(),
+                         record["val_accuracy"])
+            best.history.append(record)
+    finally:
+        if method == "lora":
+            net.unload()  # the plain model back, adapters removed
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(base[n])
+                p.requires_grad_(False)
+        model.eval()
+    best.best_weights = {n: w for n, w in best.best_weights.items() if not torch.equal(w, base[n].cpu())}
+    best.changed_parameters = sum(int((w != base[n].cpu()).sum()) for n, w in best.best_weights.items())
+    best.seconds = time.perf_counter() - start
+    return best

@@ -1,0 +1,79 @@
+"""The fine-tuning baselines (issue 6's full FT and LoRA): prompt tokens masked, the cosine
+schedule's formula, training lowers the loss, the best step's weights reproduce the scored model,
+and the model is handed back with its base weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cca_ray.data.prompts import build_prompt
+from cca_ray.data.templates import instantiate_templates, load_templates
+from cca_ray.sampling.base import encode_prompts
+from cca_ray.tiny import TEMPLATES_DIR
+from cca_ray.update.sft import IGNORE, LORA_TARGETS, collate, cosine_lr, finetune, sft_examples
+
+
+@pytest.fixture(scope="module")
+def setup(small_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_model)
+    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
+    problems, _ = instantiate_templates(load_templates(TEMPLATES_DIR)[:3], 6, seed=1, progress=False)
+    examples = sft_examples(problems, lambda q: build_prompt(q, 0), tok)
+    return model, tok, problems, examples
+
+
+def _loss(model, examples, pad_id) -> float:
+    with torch.no_grad():
+        return model(**collate(examples, pad_id, torch.device("cpu"))).loss.item()
+
+
+def test_prompt_tokens_are_masked(setup):
+    _, tok, problems, examples = setup
+    prompt = encode_prompts(tok, [build_prompt(problems[0].question, 0)])[0]
+    e = examples[0]
+    assert e.ids[: len(prompt)] == prompt
+    assert e.labels[: len(prompt)] == [IGNORE] * len(prompt)
+    assert e.labels[len(prompt):] == e.ids[len(prompt):] and e.ids[-1] == tok.eos_token_id
+    assert "The final answer is" in tok.decode(e.ids[len(prompt):])
+
+
+def test_cosine_schedule_formula():
+    assert cosine_lr(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 10) == pytest.approx(0.5)  # halfway through the decay
+    assert cosine_lr(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_lowers_the_loss_and_restores_the_base(setup, method):
+    model, tok, _, examples = setup
+    base = copy.deepcopy(model.state_dict())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    seen = []
+
+    def validate(weights):
+        value = -_loss(model, examples, pad)  # higher is better, like an accuracy
+        seen.append(value)
+        return value
+
+    res = finetune(model, examples, pad, validate, method=method, lr=3e-3, steps=12, batch_size=4,
+                   eval_every=4, progress=False)
+    assert res.best_step > 0 and res.best_val > seen[0]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())  # base handed back
+    assert not any(p.requires_grad for p in model.parameters())
+    # the best step's weights, loaded into a copy of the base, are the model that was scored
+    scored = copy.deepcopy(model)
+    scored.load_state_dict(res.best_weights, strict=False)
+    assert -_loss(scored, examples, pad) == pytest.approx(res.best_val, abs=1e-4)
+    total = sum(p.numel() for p in model.parameters())
+    if method == "lora":
+        linears = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LORA_TARGETS]
+        assert res.trainable_parameters == sum(16 * (m.in_features + m.out_features) for m in linears)
+        assert all(n.split(".")[-2].endswith("_proj") for n in res.best_weights)
+    else:
+        assert res.trainable_parameters == total and res.changed_parameters > total / 2
