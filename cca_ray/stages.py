@@ -54,7 +54,9 @@ class StageStore:
         if meta is None:
             # processes sharing the store (Tune trials with the same lambda) compute a stage once:
             # the one holding the lock computes, the others wait and reuse its folder
-            with FileLock(str(final) + ".lock"):
+            locks = self.root / ".locks"  # beside, not among, the stage folders
+            locks.mkdir(exist_ok=True)
+            with FileLock(str(locks / f"{final.name}.lock")):
                 meta = self.meta(name, key)
                 if meta is None:
                     return final, self._compute(name, key, final, compute)

@@ -62,6 +62,13 @@ def _kill_first_trainer(stop: threading.Event, killed: list) -> None:
         time.sleep(0.2)
 
 
+def _session(sid: int) -> list[int]:
+    """Live processes of a session (zombies, state Z, are dead: a container's init may not reap them)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout
+    rows = [line.split() for line in ps.splitlines()]
+    return [int(r[0]) for r in rows if r[1] == str(sid) and not r[2].startswith("Z")]
+
+
 @pytest.fixture(scope="module")
 def sweep_run(small_model, problems_file, tmp_path_factory):
     from cca_ray.tune import run_sweep
@@ -148,11 +155,12 @@ def test_killed_driver_resumes_without_repeating_finished_trials(small_model, pr
         time.sleep(0.5)
     finished_before = {p.parent.name: p.stat().st_mtime for p in stages.glob("update-*/meta.json")}
     assert len(finished_before) >= 2
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (one group)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
+    for pid in _session(proc.pid):  # a Ray process in its own process group, same session
+        os.kill(pid, signal.SIGKILL)
     time.sleep(2)
-    left = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split("\n")
-    assert not [line for line in left if line.split()[1:] == [str(proc.pid)]], "processes survived the kill"
+    assert not _session(proc.pid), "processes of the killed sweep survived"
     assert not (out / "models" / "solo" / "result.json").exists()
 
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
