@@ -56,6 +56,20 @@ def test_sampler_actor_keeps_each_clients_weights(local_ray, small_model):
     loads = ray.get(actor.stats.remote())["loads"]
     a.generate(prompts)
     assert ray.get(actor.stats.remote())["loads"] == loads  # unchanged state: nothing reloaded
+
+    # every parameter (norms, embeddings, o/down projections too), as a full fine-tune changes them
+    g = torch.Generator().manual_seed(0)
+    noisy = {n: (w.detach() + 0.02 * w.detach().abs().mean() * torch.randn(w.shape, generator=g))
+             for n, w in params.items()}
+    c = SamplerClient(actor)
+    c.push_weights(noisy)
+    with torch.no_grad():
+        for n, w in noisy.items():
+            params[n].copy_(w)
+    noisy_hf = [o[0].token_ids for o in hf.generate(prompts)]
+    assert noisy_hf != base_hf
+    assert [o[0].token_ids for o in c.generate(prompts)] == noisy_hf
+    assert [o[0].token_ids for o in b.generate(prompts)] == base  # and back to the checkpoint
     ray.get(actor.close.remote())
     ray.kill(actor)
 

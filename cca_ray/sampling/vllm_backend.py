@@ -142,7 +142,8 @@ class VLLMSampler:
 
 
 class WeightSync:
-    """vLLM worker extension (``worker_extension_cls``): sets whole linear weights by module name.
+    """vLLM worker extension (``worker_extension_cls``): sets whole weights by module name (linears,
+    norms, embeddings; a vocabulary vLLM padded keeps its padding rows).
 
     Same shape as the live weight: copied in place (CUDA graphs keep their pointers). vLLM's CPU
     build repacks linear weights for oneDNN and leaves an empty tensor: then the weight is
@@ -155,12 +156,19 @@ class WeightSync:
         with torch.no_grad():
             for name, (data, shape, dtype) in zip(names, blobs, strict=True):
                 t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype.split(".")[-1])).view(*shape)
+                if name not in modules:
+                    raise KeyError(f"vLLM has no module {name!r}: this architecture's names differ from HF's")
                 module = modules[name]
-                if module.weight.shape == t.shape:
-                    module.weight.copy_(t.to(module.weight.dtype))
-                else:
-                    module.weight = torch.nn.Parameter(t.to(module.weight.device), requires_grad=False)
+                w = module.weight
+                if w.shape == t.shape:
+                    w.copy_(t.to(w.dtype))
+                elif w.numel() == 0 or w.dim() != t.dim():  # repacked for oneDNN (CPU build): re-set
+                    module.weight = torch.nn.Parameter(t.to(w.device), requires_grad=False)
                     module.quant_method.process_weights_after_loading(module)
+                elif w.shape[1:] == t.shape[1:] and w.shape[0] > t.shape[0]:  # vocab padded by vLLM
+                    w[: t.shape[0]].copy_(t.to(w.dtype))
+                else:
+                    raise ValueError(f"cannot load {name}: vLLM holds {tuple(w.shape)}, got {tuple(t.shape)}")
         return True
 
 
@@ -174,8 +182,9 @@ _FUSED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
 
 
 def vllm_fused_weights(model: Any, overrides: dict[str, Any]) -> dict[str, Any]:
-    """vLLM module name -> fused weight, for every fused module an HF parameter in ``overrides``
-    (name -> new weight) belongs to; the other parts come from the HF model as it is."""
+    """vLLM module name -> weight for every HF parameter in ``overrides`` (name -> new weight):
+    q/k/v and gate/up go into vLLM's fused modules (the other parts come from the HF model as it
+    is); every other weight (o/down projections, norms, embeddings, lm_head) by its module path."""
     params = dict(model.named_parameters())
     return fused_weights(lambda name: params[name], overrides)
 
@@ -188,8 +197,11 @@ def fused_weights(base: Callable[[str], Any], overrides: dict[str, Any]) -> dict
     for name in overrides:
         module_path, _, leaf = name.rpartition(".")
         parent, _, proj = module_path.rpartition(".")
-        if leaf != "weight" or proj not in _FUSED:
-            raise ValueError(f"cannot push {name} to vLLM: only q/k/v/gate/up projection weights are synced")
+        if leaf != "weight":
+            raise ValueError(f"cannot push {name} to vLLM: only weights are synced (not biases)")
+        if proj not in _FUSED:  # o_proj, down_proj, norms, embeddings, lm_head: same module path
+            out[module_path] = overrides[name].detach()
+            continue
         fused, parts = _FUSED[proj]
         key = f"{parent}.{fused}"
         if key not in out:
