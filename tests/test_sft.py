@@ -77,3 +77,31 @@ def test_finetune_lowers_the_loss_and_restores_the_base(setup, method):
         assert all(n.split(".")[-2].endswith("_proj") for n in res.best_weights)
     else:
         assert res.trainable_parameters == total and res.changed_parameters > total / 2
+
+
+def test_no_mask_update_raises_the_logit_difference_on_every_parameter(setup):
+    from cca_ray.dcm.batches import Example, full_logits, logit_difference
+    from cca_ray.update.nomask import all_parameter_update
+
+    model, tok, _, sft = setup
+    base = copy.deepcopy(model.state_dict())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # pivot-like examples: a prefix, the reference next token (desired) against another one
+    examples = [Example(e.ids[:k], e.ids[k], (e.ids[k] + 7) % len(tok)) for e in sft[:8]
+                for k in (len(e.ids) - 3,)]
+
+    def diff() -> float:
+        with torch.no_grad():
+            return logit_difference(full_logits(model, examples, pad), examples).mean().item()
+
+    res = all_parameter_update(model, examples, pad, lambda w: diff(), lr=0.05, steps=6, progress=False)
+    assert res.best_step > 0 and res.best_val > res.history[0]["val_accuracy"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())  # base handed back
+    total = sum(p.numel() for p in model.parameters())
+    assert res.trainable_parameters == total
+    assert res.changed_parameters > total / 2  # "no mask": nearly every entry moves
+    scored = copy.deepcopy(model)
+    scored.load_state_dict(res.best_weights, strict=False)
+    with torch.no_grad():
+        again = logit_difference(full_logits(scored, examples, pad), examples).mean().item()
+    assert again == pytest.approx(res.best_val, abs=1e-4)
