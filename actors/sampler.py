@@ -39,9 +39,7 @@ class SamplerEngine:
             return
         self.loads += 1
         if self.backend == "vllm":
-            from cca_ray.sampling.vllm_backend import fused_weights
-
-            self.sampler.push_weights(fused_weights(self._base, weights))
+            self.sampler.push_weights(weights)
             return
         params = dict(self.sampler.model.named_parameters())
         with torch.no_grad():
@@ -74,7 +72,8 @@ class SamplerEngine:
         return {"loads": self.loads, "loaded": sorted(self.loaded)}
 
     def close(self) -> None:
-        self.sampler.close() if hasattr(self.sampler, "close") else None
+        if hasattr(self.sampler, "close"):
+            self.sampler.close()
 
 
 SamplerActor = ray.remote(SamplerEngine)

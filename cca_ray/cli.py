@@ -187,20 +187,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild a sweep's cross-model report from its finished per-model results."""
+    from cca_ray.config import ConfigError
     from cca_ray.sweep_report import build_sweep_report, render_sweep_markdown
 
     if not Path(args.dir, "models").is_dir() and not Path(args.dir, "sweep_plan.json").is_file():
-        raise _config_error(f"{args.dir}: not a sweep folder (no models/ or sweep_plan.json); "
+        raise ConfigError(f"{args.dir}: not a sweep folder (no models/ or sweep_plan.json); "
                             "pass the --out folder of `cca-ray sweep`")
     report = build_sweep_report(args.dir)
     print(render_sweep_markdown(report))
     return 0
-
-
-def _config_error(message: str) -> Exception:
-    from cca_ray.config import ConfigError
-
-    return ConfigError(message)
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> int:

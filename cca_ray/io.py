@@ -15,9 +15,14 @@ os.umask(_UMASK)
 
 def checkpoint_reader(model_dir: str | Path):
     """name -> tensor from an HF folder's safetensors (single file or sharded index), read lazily:
-    one tensor at a time, e.g. to restore a few base weights without loading the model."""
+    one tensor at a time, e.g. to restore a few base weights without loading the model. A hub id
+    reads the local snapshot (the one the engine loaded; fetched if missing)."""
     from safetensors import safe_open
 
+    if not Path(model_dir).is_dir():
+        from huggingface_hub import snapshot_download
+
+        model_dir = snapshot_download(str(model_dir), allow_patterns=["*.safetensors", "*.json"])
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     where = (json.loads(index.read_text())["weight_map"] if index.is_file()

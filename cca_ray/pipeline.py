@@ -188,16 +188,8 @@ class Pipeline:
 
     def push(self, weights: dict[str, torch.Tensor]) -> None:
         """Make a separate inference engine (vLLM) see these weights (parameter name -> tensor)."""
-        if not weights:
-            return
-        if self.shared_sampler is not None:
-            self.shared_sampler.push_weights(weights)
-            return
-        if self.config.sampling.backend == "hf":
-            return
-        from cca_ray.sampling.vllm_backend import vllm_fused_weights
-
-        self.gen_sampler().push_weights(vllm_fused_weights(self.m.model, weights))
+        if weights and (self.shared_sampler is not None or self.config.sampling.backend != "hf"):
+            self.gen_sampler().push_weights(weights)  # HF's own sampler shares the in-memory model
 
     def gen_sampler(self):
         """The configured backend for traces, branching completions and evaluation."""

@@ -58,6 +58,7 @@ class VLLMSampler:
 
         self.model_dir = str(model_dir)
         self.max_new_tokens = max_new_tokens
+        self._base: Callable[[str], Any] | None = None  # checkpoint weights, read on first push
         self.progress = progress
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.model_dir)
         config = AutoConfig.from_pretrained(self.model_dir)
@@ -112,12 +113,17 @@ class VLLMSampler:
                                       context) for o in samples]
         return out
 
-    def push_weights(self, modules: dict[str, Any]) -> None:
-        """Replace whole weights of vLLM linear modules (name -> [out, in] tensor, vLLM's fused
-        layout, see vllm_fused_weights) in the running engine, then drop cached prefixes (their KV
-        was computed with the old weights). How the trainer's updates reach the sampler."""
-        if not modules:
+    def push_weights(self, weights: dict[str, Any]) -> None:
+        """Load these weights (HF parameter name -> full tensor) into the running engine, then drop
+        cached prefixes (their KV was computed with the old weights): how a trainer's updates reach
+        the sampler. q/k/v and gate/up go into vLLM's fused modules, completed from the checkpoint."""
+        if not weights:
             return
+        if self._base is None:
+            from cca_ray.io import checkpoint_reader
+
+            self._base = checkpoint_reader(self.model_dir)
+        modules = fused_weights(self._base, weights)
         names = list(modules)
         blobs = [(t.detach().to("cpu").contiguous().numpy().tobytes(), list(t.shape), str(t.dtype))
                  for t in modules.values()]
@@ -181,16 +187,11 @@ _FUSED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
           "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
-def vllm_fused_weights(model: Any, overrides: dict[str, Any]) -> dict[str, Any]:
-    """vLLM module name -> weight for every HF parameter in ``overrides`` (name -> new weight):
-    q/k/v and gate/up go into vLLM's fused modules (the other parts come from the HF model as it
-    is); every other weight (o/down projections, norms, embeddings, lm_head) by its module path."""
-    params = dict(model.named_parameters())
-    return fused_weights(lambda name: params[name], overrides)
-
-
 def fused_weights(base: Callable[[str], Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """As vllm_fused_weights, with the parts not overridden read through ``base(hf_name)``."""
+    """vLLM module name -> weight for every HF parameter in ``overrides`` (name -> new weight):
+    q/k/v and gate/up go into vLLM's fused modules (the parts not overridden read through
+    ``base(hf_name)``); every other weight (o/down projections, norms, embeddings, lm_head) by its
+    module path."""
     import torch
 
     out: dict[str, Any] = {}

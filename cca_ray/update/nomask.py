@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from cca_ray.dcm.batches import Example, full_logits, logit_difference
-from cca_ray.update.sft import SFTResult
-from cca_ray.update.train import UpdateError, validation_steps
+from cca_ray.update.sft import SFTResult, changed_only, restore_base
+from cca_ray.update.train import UpdateError, micro_batches, validation_steps
 
 log = logging.getLogger("cca_ray")
 
@@ -31,9 +31,7 @@ def all_parameter_update(model, examples: list[Example], pad_id: int,
     params = dict(model.named_parameters())
     for p in params.values():
         p.requires_grad_(True)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    micro = [[examples[i] for i in order[s : s + micro_batch_size]]
-             for s in range(0, len(order), micro_batch_size)]
+    micro = micro_batches(examples, micro_batch_size)
     checks = set(validation_steps(steps))
 
     def current() -> dict[str, torch.Tensor]:
@@ -67,12 +65,5 @@ def all_parameter_update(model, examples: list[Example], pad_id: int,
                          record["val_accuracy"])
             best.history.append(record)
     finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(base[n])
-                p.requires_grad_(False)
-                p.grad = None
-    best.best_weights = {n: w for n, w in best.best_weights.items() if not torch.equal(w, base[n].cpu())}
-    best.changed_parameters = sum(int((w != base[n].cpu()).sum()) for n, w in best.best_weights.items())
-    best.seconds = time.perf_counter() - start
-    return best
+        restore_base(model, base)
+    return changed_only(best, base, start)

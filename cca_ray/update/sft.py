@@ -177,11 +177,22 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
     finally:
         if method == "lora":
             net.unload()  # the plain model back, adapters removed
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(base[n])
-                p.requires_grad_(False)
-        model.eval()
+        restore_base(model, base)
+    return changed_only(best, base, start)
+
+
+def restore_base(model, base: dict[str, torch.Tensor]) -> None:
+    """Write the saved base weights back, frozen and without gradients: the caller's model again."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(base[n])
+            p.requires_grad_(False)
+            p.grad = None
+    model.eval()
+
+
+def changed_only(best: SFTResult, base: dict[str, torch.Tensor], start: float) -> SFTResult:
+    """Keep only the best weights that differ from the base; count the changed entries."""
     best.best_weights = {n: w for n, w in best.best_weights.items() if not torch.equal(w, base[n].cpu())}
     best.changed_parameters = sum(int((w != base[n].cpu()).sum()) for n, w in best.best_weights.items())
     best.seconds = time.perf_counter() - start

@@ -28,6 +28,13 @@ def validation_steps(steps: int) -> list[int]:
     return sorted(set(marks + [steps]))
 
 
+def micro_batches(examples: list[Example], size: int) -> list[list[Example]]:
+    """The examples sorted by length (less padding) and cut into micro-batches of ``size``; one
+    full-batch gradient step accumulates over all of them."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    return [[examples[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+
+
 @dataclass
 class UpdateResult:
     best_step: int
@@ -57,9 +64,7 @@ def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: i
         p.requires_grad_(False)
     opt = torch.optim.Adam(deltas.parameters(), lr=lr) if optimizer == "adam" else None
     checks = set(validation_steps(steps))
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
-    micro = [[examples[i] for i in order[s : s + micro_batch_size]]
-             for s in range(0, len(order), micro_batch_size)]
+    micro = micro_batches(examples, micro_batch_size)
     history: list[dict] = []
     with deltas.attached():
         best_val = validate(deltas.merged_weights())

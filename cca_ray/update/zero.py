@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from cca_ray.dcm.batches import Example, full_logits, logit_difference
-from cca_ray.update.train import UpdateError, UpdateResult, validation_steps
+from cca_ray.update.train import UpdateError, UpdateResult, micro_batches, validation_steps
 
 log = logging.getLogger("cca_ray")
 
@@ -175,9 +175,7 @@ def zero_targeted_update(model, rows: dict[str, torch.Tensor], examples: list[Ex
     import deepspeed
 
     start = time.perf_counter()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
-    micro = [[examples[i] for i in order[s : s + micro_batch_size]]
-             for s in range(0, len(order), micro_batch_size)]
+    micro = micro_batches(examples, micro_batch_size)
     for p in model.parameters():
         p.requires_grad_(False)
     trained = _Rows(model, rows, zero_stage)
