@@ -41,19 +41,20 @@ class Trainer:
         self.selected = {k: m > 0.5 for k, m in masks.items()}
         return meta
 
-    def update(self, arm: str = "cca") -> Iterator[dict]:
-        """Yields {"kind": "validation", step, val_accuracy} as the update validates, then
-        {"kind": "final", ...the run's meta, path}. A reused run replays its stored history."""
-        if self.selected is None:
+    def update(self, method: str = "cca", lr: float | None = None) -> Iterator[dict]:
+        """Runs one method (cca, random, full_ft, lora, no_mask) at lr (None: update.lr); yields
+        {"kind": "validation", step, val_accuracy} as it validates, then {"kind": "final", ...the
+        run's meta, path}. A reused run replays its stored history."""
+        if self.selected is None and method in ("cca", "random"):
             self.dcm()
+        lr = self.pipe.config.update.lr if lr is None else lr
         events: queue.Queue = queue.Queue()
         self.pipe.on_validation = events.put
         outcome: dict = {}
 
         def work() -> None:
             try:
-                outcome["run"] = self.pipe.update_run(arm, self.selected, self.prep.pivots,
-                                                      self.pipe.config.update.lr, self.prep.splits.val)
+                outcome["run"] = self.pipe.method_run(method, lr, self.prep, self.selected)
             except BaseException as exc:  # re-raised in the actor's thread below
                 outcome["error"] = exc
             finally:
@@ -76,15 +77,15 @@ class Trainer:
             history = json.loads((Path(run["path"]) / "history.json").read_text())
             for h in history:
                 if "val_accuracy" in h:
-                    yield {"kind": "validation", "arm": arm, "lr": run["lr"], "step": h["step"],
+                    yield {"kind": "validation", "arm": method, "lr": run["lr"], "step": h["step"],
                            "val_accuracy": h["val_accuracy"], "replayed": True}
         yield {"kind": "final", **run}
 
-    def general_deltas(self, run: dict) -> dict:
+    def general_deltas(self, run: dict, method: str = "cca") -> dict:
         """lm-eval before/after for this run's best step (the objective's regression penalty)."""
         from cca_ray.evaluate import general_deltas
 
-        return general_deltas(self.pipe.general("base", None), self.pipe.general("cca", run))
+        return general_deltas(self.pipe.general("base", None), self.pipe.general(method, run))
 
 
 TrainerActor = ray.remote(Trainer)

@@ -185,6 +185,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if report["summary"]["failed"] == 0 else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """CCA against full fine-tuning, LoRA, no-mask and random components on one model."""
+    import signal
+
+    from cca_ray.comparison import render_markdown
+    from cca_ray.config import load_config
+    from cca_ray.tune import compare_model
+
+    config = load_config(args.config)
+    out = Path(args.out)
+    _setup_logging(out, "compare.log")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    report = compare_model(config, out, resume=args.resume, progress=not args.quiet, address=args.address,
+                           num_cpus=args.num_cpus)
+    print(render_markdown(report))
+    print(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'} and {out / 'plots'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild a sweep's cross-model report from its finished per-model results."""
     from cca_ray.config import ConfigError
@@ -234,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     sw.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this command")
     sw.set_defaults(func=cmd_sweep)
+
+    cmp = sub.add_parser("compare", help="CCA vs full fine-tuning, LoRA, no-mask and random components, "
+                                         "each method's lr tuned with the same number of Tune trials")
+    cmp.add_argument("--config", required=True, help="the model's config (e.g. tune_configs/default.yaml)")
+    cmp.add_argument("--out", required=True, help="output folder (comparison.json/.md, plots/, stages)")
+    cmp.add_argument("--resume", action="store_true",
+                     help="continue in OUT: finished methods, trials and stages are kept")
+    cmp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    cmp.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this command")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="rebuild a sweep's cross-model report from finished results")
     rep.add_argument("dir", help="the --out folder of `cca-ray sweep`")

@@ -162,6 +162,56 @@ class TuneSection(_Section):
     seed: int = Field(0, ge=0)
 
 
+METHODS = ("cca", "full_ft", "lora", "no_mask", "random")  # `cca-ray compare`'s methods
+
+
+class SFTConfig(_Section):
+    """Supervised fine-tuning baselines (full and LoRA): the method doc's section 6 numbers. Their AdamW
+    lr is searched by Tune in compare.lr (full fine-tuning's default range is centred on the doc's 1e-5)."""
+
+    steps: int = Field(200, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_fraction: float = Field(0.03, ge=0, lt=1)
+    eval_every: int = Field(20, ge=1, description="validation every this many steps (and at 0 and the end)")
+    max_length: int = Field(2048, ge=8)
+    zero_stage: int | None = Field(2, ge=0, le=3, description="full fine-tuning under DeepSpeed ZeRO at "
+                                                              "this stage; None = plain PyTorch")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class MethodRanges(_Section):
+    """The lr range Tune searches for each method (None: cca and random use tune.lr)."""
+
+    cca: Range | None = None
+    random: Range | None = None
+    full_ft: Range = Field(default_factory=lambda: Range(low=1e-6, high=1e-4))
+    lora: Range = Field(default_factory=lambda: Range(low=1e-5, high=1e-3))
+    no_mask: Range = Field(default_factory=lambda: Range(low=1e-5, high=1e-2))
+
+
+class CompareConfig(_Section):
+    """`cca-ray compare`: every method tuned with the same number of trials, then tested alike."""
+
+    methods: list[Literal["cca", "full_ft", "lora", "no_mask", "random"]] = Field(
+        default_factory=lambda: list(METHODS))
+    num_samples: int = Field(4, ge=1, le=10_000, description="Tune trials per method (the same for each)")
+    lr: MethodRanges = Field(default_factory=MethodRanges)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @model_validator(mode="after")
+    def _methods(self) -> CompareConfig:
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must list each of {', '.join(METHODS)} at most once, "
+                             f"got {self.methods}")
+        if "random" in self.methods and "cca" not in self.methods:
+            raise ValueError("method 'random' draws as many components as CCA's mask: list 'cca' too")
+        return self
+
+
 class CCAConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -172,6 +222,7 @@ class CCAConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
 
 class SweepModel(_Section):

@@ -383,6 +383,107 @@ class Pipeline:
         self._timed("update" if arm == "cca" else "random_control", meta)
         return meta | {"path": str(path)}
 
+    def weights_run(self, method: str, lr: float, p: Prepared) -> dict:
+        """One baseline run that changes whole parameters at one lr: full_ft / lora (SFT on the kept
+        templates' GSym-Train reference answers) or no_mask (the CCA loss on every parameter). Stores
+        the best step's changed weights (LoRA: merged) as best_weights.safetensors."""
+        from cca_ray.update.nomask import all_parameter_update
+        from cca_ray.update.sft import finetune, sft_examples
+
+        c, s = self.config, self.config.compare.sft
+        if method == "no_mask":
+            key = stage_key("update", self.loc_key, method, lr, c.evaluation.max_new_tokens,
+                            c.update.model_dump(include={"steps", "micro_batch_size"}))
+            marks = iter(validation_steps(c.update.steps))
+        else:
+            settings = s.model_dump(exclude={"lora_r", "lora_alpha", "lora_dropout"} if method == "full_ft"
+                                    else {"zero_stage"})
+            key = stage_key("update", self.base_key, [str(k) for k in p.kept], method, lr, settings,
+                            c.evaluation.max_new_tokens)
+            marks = iter(sorted(set(range(0, s.steps + 1, s.eval_every)) | {s.steps}))
+        name = f"update-{method}-lr{lr:g}"
+        val = p.splits.val
+
+        def compute(tmp: Path) -> dict:
+            model, pad = self.m.model, self.m.tokenizer.pad_token_id
+            pushed: set[str] = set()
+
+            def val_acc(weights: dict[str, torch.Tensor]) -> float:
+                self.push(weights)
+                pushed.update(weights)
+                correct = self.greedy(val, "val")
+                acc = macro_accuracy([(q.id, correct[q.key]) for q in val])
+                if self.on_validation is not None:
+                    self.on_validation({"arm": method, "lr": lr, "step": next(marks), "val_accuracy": acc})
+                return acc
+
+            try:
+                if method == "no_mask":
+                    res = all_parameter_update(model, _examples(p.pivots), pad, val_acc, lr=lr,
+                                               steps=c.update.steps, progress=self.progress, desc=name,
+                                               micro_batch_size=c.update.micro_batch_size)
+                else:
+                    kept = set(p.kept)
+                    train = [q for q in p.splits.train if q.id in kept]
+                    examples = sft_examples(train, self.m.prompt(c), self.m.tokenizer, s.max_length)
+                    kind = "full" if method == "full_ft" else "lora"
+                    res = finetune(model, examples, pad, val_acc, method=kind, lr=lr, steps=s.steps,
+                                   batch_size=s.batch_size, weight_decay=s.weight_decay,
+                                   max_grad_norm=s.max_grad_norm, warmup_fraction=s.warmup_fraction,
+                                   eval_every=s.eval_every, seed=c.data.seed, lora_r=s.lora_r,
+                                   lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                                   zero_stage=s.zero_stage if method == "full_ft" else None,
+                                   progress=self.progress, desc=name)
+            finally:
+                params = dict(model.named_parameters())
+                self.push({n: params[n] for n in pushed})  # the engine back to the base weights
+            save_file({n: w.contiguous() for n, w in res.best_weights.items()},
+                      str(tmp / "best_weights.safetensors"))
+            write_json(res.history, tmp / "history.json")
+            return {"arm": method, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,
+                    "trainable_parameters": res.trainable_parameters,
+                    "changed_parameters": res.changed_parameters}
+
+        path, meta = self.store.run(name, key, compute)
+        self._timed(method, meta)
+        return meta | {"path": str(path)}
+
+    def method_run(self, method: str, lr: float, p: Prepared, selected: dict[str, torch.Tensor] | None = None,
+                   seed: int = 0) -> dict:
+        """One run of a compared method at one lr (cca and random need CCA's selection)."""
+        if method in ("cca", "random"):
+            if selected is None:
+                raise ValueError(f"method {method!r} needs the DCM selection")
+            if method == "cca":
+                return self.update_run("cca", selected, p.pivots, lr, p.splits.val)
+            sel = random_selection(selected, seed)
+            return self.update_run(f"random{seed}", sel, p.pivots, lr, p.splits.val)
+        return self.weights_run(method, lr, p)
+
+    @contextlib.contextmanager
+    def _applied(self, run: dict):
+        """The base model with this run's best weights in (and pushed to a vLLM engine), restored after:
+        rows for cca/random updates, whole parameters for the baselines."""
+        path = Path(run["path"]) / "best_weights.safetensors"
+        if not path.is_file():
+            with self._merged(run):
+                yield
+            return
+        weights = load_file(str(path))
+        params = dict(self.m.model.named_parameters())
+        original = {n: params[n].detach().clone() for n in weights}
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        self.push({n: params[n] for n in weights})
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, w in original.items():
+                    params[n].copy_(w)
+            self.push({n: params[n] for n in weights})
+
     @contextlib.contextmanager
     def _merged(self, run: dict):
         """The base model with this run's best rows written in (and pushed to a vLLM engine),
@@ -406,7 +507,7 @@ class Pipeline:
         key = stage_key("test_eval", run["path"], self.config.evaluation.max_new_tokens)
 
         def compute(tmp: Path) -> dict:
-            with self._merged(run):
+            with self._applied(run):
                 write_jsonl(_correct_rows(self.greedy(test, f"test ({name})")), tmp / "test_correct.jsonl")
             return {}
 
@@ -424,7 +525,7 @@ class Pipeline:
                                       self.m.local_tasks, e.limit)
             if run is None:
                 return {"scores": score()}
-            with self._merged(run):
+            with self._applied(run):
                 return {"scores": score()}
 
         _, meta = self.store.run(f"general-{name}", key, compute)

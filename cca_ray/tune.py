@@ -35,7 +35,7 @@ def round_sig(x: float, digits: int) -> float:
 def trial_config(config: dict, params: dict) -> CCAConfig:
     """The model's config with this trial's lambda and lr (one lr, no random control)."""
     c = parse_config(config)
-    lam = round_sig(params["lambda"], c.tune.lambda_digits)
+    lam = round_sig(params.get("lambda", c.dcm.lambda_), c.tune.lambda_digits)
     return c.model_copy(update={
         "dcm": c.dcm.model_copy(update={"lambda_": lam}),
         "update": c.update.model_copy(update={"lr": params["lr"], "lr_grid": [], "random_seeds": 0})})
@@ -54,9 +54,10 @@ def _attempts(out: Path, trial_id: str) -> int:
     return len(f.read_text().splitlines())
 
 
-def trial(params: dict, *, config: dict, out: str, sampler: Any) -> None:
+def trial(params: dict, *, config: dict, out: str, sampler: Any, method: str = "cca") -> None:
     """One Tune trial: a TrainerActor in this trial's placement group runs DCM(lambda) and the
-    update at lr; each validation is reported (objective = best val so far), then the final."""
+    update at lr (or a compared baseline method at lr); each validation is reported (objective = best
+    val so far), then the final."""
     from ray import tune
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -73,11 +74,12 @@ def trial(params: dict, *, config: dict, out: str, sampler: Any) -> None:
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)
     trainer = TrainerActor.options(**opts).remote(c.model_dump(by_alias=True), out, sampler)
     try:
-        dcm = ray.get(trainer.dcm.remote())
-        base = {"lambda": c.dcm.lambda_, "lr": c.update.lr, "attempt": attempt,
-                "components_fraction": dcm["components_fraction"]}
+        base = {"method": method, "lambda": c.dcm.lambda_, "lr": params["lr"], "attempt": attempt,
+                "components_fraction": 1.0}
+        if method in ("cca", "random"):
+            base["components_fraction"] = ray.get(trainer.dcm.remote())["components_fraction"]
         best = None
-        for ref in trainer.update.remote():
+        for ref in trainer.update.remote(method, params["lr"]):
             event = ray.get(ref)
             if event["kind"] == "validation":
                 best = event["val_accuracy"] if best is None else max(best, event["val_accuracy"])
@@ -86,7 +88,7 @@ def trial(params: dict, *, config: dict, out: str, sampler: Any) -> None:
                 continue
             objective, drop = event["best_val"], None
             if c.tune.objective == "val_minus_general_drop":
-                deltas = ray.get(trainer.general_deltas.remote(event))
+                deltas = ray.get(trainer.general_deltas.remote(event, method))
                 drops = [max(0.0, -d["delta"]) for d in deltas.values()]
                 drop = sum(drops) / len(drops) if drops else 0.0
                 objective -= c.tune.general_penalty * drop
@@ -97,57 +99,72 @@ def trial(params: dict, *, config: dict, out: str, sampler: Any) -> None:
         ray.kill(trainer)
 
 
-def model_trainable(key: str, config: dict, out: str, sampler: Any):
-    """The trial function bound to one model. Named per model: Tune registers trainables and
-    with_parameters' objects job-wide by name, so concurrent models' searches must not share one."""
+def model_trainable(key: str, config: dict, out: str, sampler: Any, method: str | None = None):
+    """The trial function bound to one model (and compared method). Named per model and method: Tune
+    registers trainables and with_parameters' objects job-wide by name, so concurrent searches must
+    not share one."""
 
     def run(params: dict) -> None:
-        trial(params, config=config, out=out, sampler=sampler)
+        trial(params, config=config, out=out, sampler=sampler, method=method or "cca")
 
-    run.__name__ = run.__qualname__ = f"cca_trial_{key}"
+    run.__name__ = run.__qualname__ = f"cca_trial_{key}" + (f"_{method}" if method else "")
     return run
 
 
-def search_space(c: CCAConfig) -> dict:
+def search_space(c: CCAConfig, method: str | None = None) -> dict:
+    """lambda and lr for the sweep's CCA search; lr alone (the method's range) for a compared method
+    (cca and random keep the config's dcm.lambda, so random draws as many components as that mask)."""
     from ray import tune
 
     def dist(r):
         return tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
 
-    return {"lambda": dist(c.tune.lambda_), "lr": dist(c.tune.lr)}
+    if method is None:
+        return {"lambda": dist(c.tune.lambda_), "lr": dist(c.tune.lr)}
+    return {"lr": dist(getattr(c.compare.lr, method) or c.tune.lr)}
 
 
-def make_tuner(key: str, c: CCAConfig, out: Path, sampler: Any, resume: bool):
-    """The model's Tuner (restored from its experiment folder when resuming)."""
+def _reports(c: CCAConfig, method: str | None) -> int:
+    """How many reports a trial makes (its validations + the final): ASHA's max_t."""
+    from cca_ray.update.train import validation_steps
+
+    if method in ("full_ft", "lora"):
+        s = c.compare.sft
+        return len(set(range(0, s.steps + 1, s.eval_every)) | {s.steps}) + 1
+    return len(validation_steps(c.update.steps)) + 1
+
+
+def make_tuner(key: str, c: CCAConfig, out: Path, sampler: Any, resume: bool, method: str | None = None):
+    """The model's Tuner (restored from its experiment folder when resuming): the sweep's lambda x lr
+    search, or, with ``method``, that compared method's lr search (compare.num_samples trials)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from cca_ray.update.train import validation_steps
-
     r = c.resources
     trainable = tune.with_resources(
-        model_trainable(key, c.model_dump(by_alias=True), str(out), sampler),
+        model_trainable(key, c.model_dump(by_alias=True), str(out), sampler, method),
         tune.PlacementGroupFactory([_bundle(r.trial), _bundle(r.trainer)]))
     path = (out / "tune").resolve()
-    if resume and tune.Tuner.can_restore(str(path / EXPERIMENT)):
-        log.info("resuming the Tune experiment in %s", path / EXPERIMENT)
-        return tune.Tuner.restore(str(path / EXPERIMENT), trainable, resume_errored=True)
+    name = EXPERIMENT if method is None else f"compare-{method}"
+    if resume and tune.Tuner.can_restore(str(path / name)):
+        log.info("resuming the Tune experiment in %s", path / name)
+        return tune.Tuner.restore(str(path / name), trainable, resume_errored=True)
     t = c.tune
     search = None
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search = OptunaSearch(seed=t.seed)
-    reports = len(validation_steps(c.update.steps)) + 1
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=t.grace_period,
-                               reduction_factor=t.reduction_factor)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=_reports(c, method),
+                               grace_period=t.grace_period, reduction_factor=t.reduction_factor)
                  if t.scheduler == "asha" else FIFOScheduler())
+    samples = t.num_samples if method is None else c.compare.num_samples
     return tune.Tuner(
-        trainable, param_space=search_space(c),
+        trainable, param_space=search_space(c, method),
         tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=search, scheduler=scheduler,
-                                    num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials,
+                                    num_samples=samples, max_concurrent_trials=t.max_concurrent_trials,
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(path), verbose=1,
+        run_config=tune.RunConfig(name=name, storage_path=str(path), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)))
 
 
@@ -157,6 +174,7 @@ def _trial_rows(results) -> list[dict]:
         m = res.metrics or {}
         cfg = res.config or {}
         rows.append({"trial_id": m.get("trial_id") or os.path.basename(str(res.path)),
+                     "method": m.get("method"),
                      "lambda": m.get("lambda", cfg.get("lambda")), "lr": m.get("lr", cfg.get("lr")),
                      "val_accuracy": m.get("best_val"), "objective": m.get("objective"),
                      "components_fraction": m.get("components_fraction"),
@@ -283,3 +301,82 @@ def display_name(key: str, c: CCAConfig) -> str:
 def _finished(model_dir: Path) -> bool:
     f = model_dir / "result.json"
     return f.is_file() and json.loads(f.read_text()).get("status") == "finished"
+
+
+def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                  address: str | None = None, num_cpus: int | None = None) -> dict:
+    """`cca-ray compare`: the shared stages and CCA's mask once, then each method's lr search (the
+    same number of trials each; one method after another, so each wall time is the method's own),
+    then each method's chosen lr on the test split and the general suite. A finished method is
+    kept in DIR/compare/<method>.json, so a rerun with --resume goes on with the next one."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.evaluator import CompareEvalActor
+    from actors.sampler import SamplerActor, SamplerClient
+    from cca_ray.comparison import build_comparison, write_comparison
+    from cca_ray.config import dump_config
+    from cca_ray.pipeline import Pipeline, model_path
+
+    start = time.time()
+    root = Path(out).resolve()
+    if (root / "comparison.json").is_file() and not resume:
+        raise ConfigError(f"{root} already holds a comparison: add --resume to reuse it, "
+                          "or choose a new --out")
+    root.mkdir(parents=True, exist_ok=True)
+    log_to(root / "run.log")
+    (root / "config.yaml").write_text(dump_config(config))
+    init_ray(address, num_cpus)
+    c, r = config, config.resources
+    path, _ = model_path(c, progress)
+    pg = placement_group([_bundle(r.sampler), _bundle(r.eval)], strategy="PACK")
+    ray.get(pg.ready())
+    sampler = SamplerActor.options(
+        num_cpus=r.sampler.num_cpus, num_gpus=r.sampler.num_gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote(
+        c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
+        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
+    methods: dict[str, dict] = {}
+    try:
+        pipe = Pipeline(c, root, progress, sampler=SamplerClient(sampler))
+        prep = pipe.prepare()
+        log.info("compare: shared stages ready (%d localisation examples); methods %s", len(prep.pivots),
+                 c.compare.methods)
+        evaluator = CompareEvalActor.options(
+            num_cpus=r.eval.num_cpus, num_gpus=r.eval.num_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)).remote(
+            c.model_dump(by_alias=True), str(root), sampler)
+        base = ray.get(evaluator.base.remote())
+        for method in c.compare.methods:
+            done = root / "compare" / f"{method}.json"
+            if resume and done.is_file():
+                methods[method] = json.loads(done.read_text())
+                log.info("compare: %s already finished (%s)", method, done)
+                continue
+            t0 = time.time()
+            log.info("compare: %s: %d Tune trials over lr", method, c.compare.num_samples)
+            results = make_tuner("compare", c, root, sampler, resume, method).fit()
+            tune_s = time.time() - t0
+            if not any(res.metrics and res.metrics.get("objective") is not None for res in results):
+                errors = [str(res.error)[-800:] for res in results if res.error] or ["none"]
+                raise RuntimeError(f"compare: no {method} trial reported a validation "
+                                   f"(see {root / 'run.log'}); last error: {errors[-1]}")
+            best = results.get_best_result(metric="objective", mode="max", scope="all")
+            res = ray.get(evaluator.method.remote(method, best.config["lr"]))
+            res |= {"tune_seconds": round(tune_s, 1), "wall_seconds": round(time.time() - t0, 1),
+                    "trials": _trial_rows(results)}
+            write_json(res, done)
+            methods[method] = res
+            log.info("compare: %s: lr %.3g, test %.4f (%.1f min)", method, res["lr"], res["test_accuracy"],
+                     res["wall_seconds"] / 60)
+        ray.kill(evaluator)
+    finally:
+        ray.kill(sampler)
+        remove_placement_group(pg)
+    report = build_comparison(display_name("compare", c).removeprefix("compare: "), base, methods,
+                              {"trials_per_method": c.compare.num_samples,
+                               "wall_seconds": round(time.time() - start, 1),
+                               "shared_stages": {"computed": pipe.store.computed,
+                                                 "reused": pipe.store.reused}})
+    write_comparison(report, root)
+    return report

@@ -106,14 +106,20 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
              validate: Callable[[dict[str, torch.Tensor]], float], method: str = "full", lr: float = 1e-5,
              steps: int = 100, batch_size: int = 8, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
              warmup_fraction: float = 0.03, eval_every: int = 10, seed: int = 0, lora_r: int = 16,
-             lora_alpha: int = 32, lora_dropout: float = 0.1, progress: bool = True,
-             desc: str = "sft") -> SFTResult:
+             lora_alpha: int = 32, lora_dropout: float = 0.1, zero_stage: int | None = None,
+             progress: bool = True, desc: str = "sft") -> SFTResult:
     """Fine-tune on ``examples`` for ``steps`` optimizer steps; ``validate(weights)`` scores the
     model as it stands (weights: the changed parameters' current values) at step 0, every
     ``eval_every`` steps and at the end. The model is left holding its BASE weights; the best
-    step's changed weights are returned (apply them with load_state_dict(strict=False))."""
+    step's changed weights are returned (apply them with load_state_dict(strict=False)).
+
+    ``zero_stage`` (full fine-tuning only): train inside a DeepSpeed ZeRO engine at that stage (world
+    size 1; the TrainerActor's path): same AdamW, schedule and clipping, DeepSpeed doing backward,
+    clipping and the step; the model holds no DeepSpeed state afterwards."""
     if method not in ("full", "lora"):
         raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
+    if zero_stage is not None and method != "full":
+        raise ValueError("zero_stage applies to full fine-tuning only (LoRA trains in PyTorch)")
     if not examples:
         raise UpdateError("fine-tuning got no training examples")
     start = time.perf_counter()
@@ -132,10 +138,29 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
     rng = random.Random(seed)
 
+    engine = None
+
     def current() -> dict[str, torch.Tensor]:
         if method == "lora":
             return _merged_lora_weights(net)
-        return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        with _full_weights(model, zero_stage):
+            return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+    def train_step(batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        if engine is not None:
+            loss = engine(**batch).loss
+            _check(loss, step, lr)
+            engine.backward(loss)
+            engine.step()  # clips (gradient_clipping), steps AdamW and the cosine schedule
+            return loss
+        loss = net(**batch).loss
+        _check(loss, step, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        return loss
 
     def batches():
         while True:
@@ -145,24 +170,19 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
                 yield [examples[i] for i in order[s : s + batch_size]]
 
     checks = set(range(0, steps + 1, max(1, eval_every))) | {steps}
-    net.eval()
-    weights = current()
-    best = SFTResult(0, validate(weights), weights, trainable_parameters=sum(p.numel() for p in params))
-    best.history.append({"step": 0, "val_accuracy": best.best_val, "loss": None})
-    it = batches()
-    bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not progress)
     try:
+        if zero_stage is not None:
+            engine = _zero_engine(model, opt, sched, zero_stage, batch_size, max_grad_norm)
+            log.info("%s: training inside a DeepSpeed ZeRO-%d engine", desc, zero_stage)
+        net.eval()
+        weights = current()
+        best = SFTResult(0, validate(weights), weights, trainable_parameters=sum(p.numel() for p in params))
+        best.history.append({"step": 0, "val_accuracy": best.best_val, "loss": None})
+        it = batches()
+        bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not progress)
         for step in bar:
             net.train()
-            out = net(**collate(next(it), pad_id, device))
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise UpdateError(f"fine-tuning loss is {loss.item()} at step {step} (lr {lr}): lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            sched.step()
+            loss = train_step(collate(next(it), pad_id, device), step)
             record = {"step": step, "loss": loss.item()}
             if step in checks:
                 net.eval()
@@ -177,8 +197,59 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
     finally:
         if method == "lora":
             net.unload()  # the plain model back, adapters removed
+        if engine is not None:
+            _zero_cleanup(engine)
         restore_base(model, base)
     return changed_only(best, base, start)
+
+
+def _check(loss: torch.Tensor, step: int, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise UpdateError(f"fine-tuning loss is {loss.item()} at step {step} (lr {lr}): lower the lr")
+
+
+def _zero_engine(model, opt, sched, zero_stage: int, batch_size: int, max_grad_norm: float):
+    """A DeepSpeed engine (world size 1, fp32) around the model, AdamW and the schedule; the
+    model's pre-DeepSpeed state is recorded so _zero_cleanup can undo everything."""
+    import deepspeed
+
+    from cca_ray.update.zero import _ds_config, _restored, init_distributed
+
+    init_distributed()
+    rows = {n: torch.arange(p.shape[0]) for n, p in model.named_parameters()}
+    restorer = _restored(model, rows, {n: p.detach().clone() for n, p in model.named_parameters()})
+    restorer.__enter__()
+    config = _ds_config(zero_stage, batch_size, 1) | {"gradient_clipping": max_grad_norm}
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+    except BaseException:
+        restorer.__exit__(None, None, None)
+        raise
+    engine._cca_restorer = restorer
+    return engine
+
+
+def _zero_cleanup(engine) -> None:
+    """Destroy the engine and hand the model back free of DeepSpeed (hooks, partitions, buffers)."""
+    import gc
+
+    try:
+        engine.destroy()
+    finally:
+        engine._cca_restorer.__exit__(None, None, None)
+        gc.collect()
+
+
+def _full_weights(model, zero_stage: int | None):
+    """The model's full parameters readable inside the block (gathered under ZeRO-3)."""
+    from contextlib import nullcontext
+
+    if zero_stage is None:
+        return nullcontext()
+    from cca_ray.update.zero import _gathered
+
+    return _gathered(list(model.parameters()), zero_stage)
 
 
 def restore_base(model, base: dict[str, torch.Tensor]) -> None:
