@@ -119,6 +119,8 @@ class EvaluationConfig(_Section):
 class Resources(_Section):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="OMP/torch threads of the actor's process (None: "
+                                                         "Ray's default, num_cpus rounded down, at least 1)")
 
 
 class ResourcesConfig(_Section):

@@ -45,6 +45,22 @@ def _bundle(r) -> dict:
     return {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
 
 
+def actor_options(r, pg: Any = None, bundle: int = 0, **extra: Any) -> dict:
+    """Ray options of an actor with resources ``r``, placed in bundle ``bundle`` of ``pg``. Ray gives a
+    process with a fraction of a CPU one OpenMP thread; ``r.threads`` sets OMP_NUM_THREADS explicitly
+    (torch in a trainer or an HF sampler; vLLM's CPU worker binds its own threads, one core per
+    worker with one core reserved for its scheduler, whatever this says)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, **extra}
+    if pg is not None:
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=bundle)
+    if r.threads:
+        opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(r.threads)}}
+    return opts
+
+
 def _attempts(out: Path, trial_id: str) -> int:
     """Count this trial's starts (a retried trial starts again) in DIR/models/<key>/trials/."""
     f = out / "trials" / f"{trial_id}.attempts"
@@ -59,19 +75,14 @@ def trial(params: dict, *, config: dict, out: str, sampler: Any, method: str = "
     update at lr (or a compared baseline method at lr); each validation is reported (objective = best
     val so far), then the final."""
     from ray import tune
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.trainer import TrainerActor
 
     c = trial_config(config, params)
     ctx = tune.get_context()
     attempt = _attempts(Path(out), ctx.get_trial_id())
-    res = c.resources.trainer
-    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
-                            "name": f"trainer-{ctx.get_trial_id()}-{attempt}"}
-    pg = ray.util.get_current_placement_group()
-    if pg is not None:
-        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)
+    opts = actor_options(c.resources.trainer, ray.util.get_current_placement_group(), 1,
+                         name=f"trainer-{ctx.get_trial_id()}-{attempt}")
     trainer = TrainerActor.options(**opts).remote(c.model_dump(by_alias=True), out, sampler)
     try:
         base = {"method": method, "lambda": c.dcm.lambda_, "lr": params["lr"], "attempt": attempt,
@@ -189,7 +200,6 @@ def tune_model(key: str, config: dict, out: str, resume: bool = False, progress:
     """One model of a sweep (a Ray task): shared stages once, the Tune search, the best config's
     test and general evaluation; writes and returns DIR/models/<key>/result.json's content."""
     from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.evaluator import EvalActor
     from actors.sampler import SamplerActor, SamplerClient
@@ -204,9 +214,7 @@ def tune_model(key: str, config: dict, out: str, resume: bool = False, progress:
     path, _ = model_path(c, progress)
     pg = placement_group([_bundle(r.sampler), _bundle(r.eval)], strategy="PACK")
     ray.get(pg.ready())
-    sampler = SamplerActor.options(
-        num_cpus=r.sampler.num_cpus, num_gpus=r.sampler.num_gpus,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote(
+    sampler = SamplerActor.options(**actor_options(r.sampler, pg, 0)).remote(
         c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
         max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
     try:
@@ -221,9 +229,7 @@ def tune_model(key: str, config: dict, out: str, resume: bool = False, progress:
         chosen = trial_config(c.model_dump(by_alias=True), params)
         chosen = chosen.model_copy(update={"update": chosen.update.model_copy(
             update={"random_seeds": c.update.random_seeds})})
-        evaluator = EvalActor.options(
-            num_cpus=r.eval.num_cpus, num_gpus=r.eval.num_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)).remote(
+        evaluator = EvalActor.options(**actor_options(r.eval, pg, 1)).remote(
             chosen.model_dump(by_alias=True), str(root), sampler)
         report = ray.get(evaluator.final.remote())
         ray.kill(evaluator)
@@ -310,7 +316,6 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
     then each method's chosen lr on the test split and the general suite. A finished method is
     kept in DIR/compare/<method>.json, so a rerun with --resume goes on with the next one."""
     from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.evaluator import CompareEvalActor
     from actors.sampler import SamplerActor, SamplerClient
@@ -331,9 +336,7 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
     path, _ = model_path(c, progress)
     pg = placement_group([_bundle(r.sampler), _bundle(r.eval)], strategy="PACK")
     ray.get(pg.ready())
-    sampler = SamplerActor.options(
-        num_cpus=r.sampler.num_cpus, num_gpus=r.sampler.num_gpus,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote(
+    sampler = SamplerActor.options(**actor_options(r.sampler, pg, 0)).remote(
         c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
         max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
     methods: dict[str, dict] = {}
@@ -342,9 +345,7 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
         prep = pipe.prepare()
         log.info("compare: shared stages ready (%d localisation examples); methods %s", len(prep.pivots),
                  c.compare.methods)
-        evaluator = CompareEvalActor.options(
-            num_cpus=r.eval.num_cpus, num_gpus=r.eval.num_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)).remote(
+        evaluator = CompareEvalActor.options(**actor_options(r.eval, pg, 1)).remote(
             c.model_dump(by_alias=True), str(root), sampler)
         base = ray.get(evaluator.base.remote())
         for method in c.compare.methods:

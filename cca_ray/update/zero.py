@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +37,9 @@ def deepspeed_env(backend: str | None = None) -> dict[str, str]:
             wanted["MASTER_PORT"] = str(s.getsockname()[1])
     if (backend or _default_backend()) == "gloo":
         wanted["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed JIT-builds its CPU comm op (about 100 s here) into torch's extension cache; one cache per
+    # environment, or two venvs sharing ~/.cache/torch_extensions rebuild it back and forth
+    wanted["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
     added = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(added)
     return added
