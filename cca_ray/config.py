@@ -201,6 +201,8 @@ class CompareConfig(_Section):
     methods: list[Literal["cca", "full_ft", "lora", "no_mask", "random"]] = Field(
         default_factory=lambda: list(METHODS))
     num_samples: int = Field(4, ge=1, le=10_000, description="Tune trials per method (the same for each)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="trials at a time (None: "
+                                                                      "tune.max_concurrent_trials)")
     lr: MethodRanges = Field(default_factory=MethodRanges)
     sft: SFTConfig = Field(default_factory=SFTConfig)
 

@@ -170,10 +170,12 @@ def make_tuner(key: str, c: CCAConfig, out: Path, sampler: Any, resume: bool, me
                                grace_period=t.grace_period, reduction_factor=t.reduction_factor)
                  if t.scheduler == "asha" else FIFOScheduler())
     samples = t.num_samples if method is None else c.compare.num_samples
+    concurrent = (t.max_concurrent_trials if method is None or c.compare.max_concurrent_trials is None
+                  else c.compare.max_concurrent_trials)
     return tune.Tuner(
         trainable, param_space=search_space(c, method),
         tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=search, scheduler=scheduler,
-                                    num_samples=samples, max_concurrent_trials=t.max_concurrent_trials,
+                                    num_samples=samples, max_concurrent_trials=concurrent,
                                     reuse_actors=False),
         run_config=tune.RunConfig(name=name, storage_path=str(path), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)))
