@@ -333,6 +333,24 @@ class Pipeline:
         masks = load_file(str(path / "mask.safetensors"))
         return {k: masks[k] for k in KINDS}, meta
 
+    def _validator(self, arm: str, lr: float, val: list[Problem], steps: list[int],
+                   pushed: set[str] | None = None):
+        """validate(weights) for an update: push the weights to the engine, macro val accuracy, and
+        tell on_validation at each scheduled step; ``pushed`` collects the names sent."""
+        marks = iter(steps)
+
+        def val_acc(weights: dict[str, torch.Tensor]) -> float:
+            self.push(weights)
+            if pushed is not None:
+                pushed.update(weights)
+            correct = self.greedy(val, "val")
+            acc = macro_accuracy([(q.id, correct[q.key]) for q in val])
+            if self.on_validation is not None:
+                self.on_validation({"arm": arm, "lr": lr, "step": next(marks), "val_accuracy": acc})
+            return acc
+
+        return val_acc
+
     def update_run(self, arm: str, selected: dict[str, torch.Tensor], pivots: list[Pivot], lr: float,
                    val: list[Problem]) -> dict:
         """One targeted update (CCA or a random seed) at one lr; stores the best step's delta."""
@@ -346,15 +364,7 @@ class Pipeline:
             model = self.m.model
             space = component_space(model, self.config.model.architecture)
             rows = selected_rows(model, space, selected, u.kinds)
-            marks = iter(validation_steps(u.steps))
-
-            def val_acc(weights: dict[str, torch.Tensor]) -> float:
-                self.push(weights)
-                correct = self.greedy(val, "val")
-                acc = macro_accuracy([(p.id, correct[p.key]) for p in val])
-                if self.on_validation is not None:
-                    self.on_validation({"arm": arm, "lr": lr, "step": next(marks), "val_accuracy": acc})
-                return acc
+            val_acc = self._validator(arm, lr, val, validation_steps(u.steps))
 
             examples, pad = _examples(pivots), self.m.tokenizer.pad_token_id
             common = dict(lr=lr, steps=u.steps, optimizer=u.optimizer, micro_batch_size=u.micro_batch_size,
@@ -394,28 +404,20 @@ class Pipeline:
         if method == "no_mask":
             key = stage_key("update", self.loc_key, method, lr, c.evaluation.max_new_tokens,
                             c.update.model_dump(include={"steps", "micro_batch_size"}))
-            marks = iter(validation_steps(c.update.steps))
+            marks = validation_steps(c.update.steps)
         else:
             settings = s.model_dump(exclude={"lora_r", "lora_alpha", "lora_dropout"} if method == "full_ft"
                                     else {"zero_stage"})
             key = stage_key("update", self.base_key, [str(k) for k in p.kept], method, lr, settings,
                             c.evaluation.max_new_tokens)
-            marks = iter(sorted(set(range(0, s.steps + 1, s.eval_every)) | {s.steps}))
+            marks = sorted(set(range(0, s.steps + 1, s.eval_every)) | {s.steps})
         name = f"update-{method}-lr{lr:g}"
         val = p.splits.val
 
         def compute(tmp: Path) -> dict:
             model, pad = self.m.model, self.m.tokenizer.pad_token_id
             pushed: set[str] = set()
-
-            def val_acc(weights: dict[str, torch.Tensor]) -> float:
-                self.push(weights)
-                pushed.update(weights)
-                correct = self.greedy(val, "val")
-                acc = macro_accuracy([(q.id, correct[q.key]) for q in val])
-                if self.on_validation is not None:
-                    self.on_validation({"arm": method, "lr": lr, "step": next(marks), "val_accuracy": acc})
-                return acc
+            val_acc = self._validator(method, lr, val, marks, pushed)
 
             try:
                 if method == "no_mask":

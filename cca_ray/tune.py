@@ -198,13 +198,29 @@ def _trial_rows(results) -> list[dict]:
     return rows
 
 
+def model_group(c: CCAConfig, path: str) -> tuple[Any, Any]:
+    """The model's placement group (bundle 0: its SamplerActor, bundle 1: its evaluator) and the
+    started SamplerActor."""
+    from ray.util.placement_group import placement_group
+
+    from actors.sampler import SamplerActor
+
+    r = c.resources
+    pg = placement_group([_bundle(r.sampler), _bundle(r.eval)], strategy="PACK")
+    ray.get(pg.ready())
+    sampler = SamplerActor.options(**actor_options(r.sampler, pg, 0)).remote(
+        c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
+        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
+    return pg, sampler
+
+
 def tune_model(key: str, config: dict, out: str, resume: bool = False, progress: bool = False) -> dict:
     """One model of a sweep (a Ray task): shared stages once, the Tune search, the best config's
     test and general evaluation; writes and returns DIR/models/<key>/result.json's content."""
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
     from actors.evaluator import EvalActor
-    from actors.sampler import SamplerActor, SamplerClient
+    from actors.sampler import SamplerClient
     from cca_ray.pipeline import Pipeline, model_path
 
     start = time.time()
@@ -214,11 +230,7 @@ def tune_model(key: str, config: dict, out: str, resume: bool = False, progress:
     c = parse_config(config)
     r = c.resources
     path, _ = model_path(c, progress)
-    pg = placement_group([_bundle(r.sampler), _bundle(r.eval)], strategy="PACK")
-    ray.get(pg.ready())
-    sampler = SamplerActor.options(**actor_options(r.sampler, pg, 0)).remote(
-        c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
-        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
+    pg, sampler = model_group(c, path)
     try:
         pipe = Pipeline(c, root, progress, sampler=SamplerClient(sampler))
         prep = pipe.prepare()
@@ -317,10 +329,10 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
     same number of trials each; one method after another, so each wall time is the method's own),
     then each method's chosen lr on the test split and the general suite. A finished method is
     kept in DIR/compare/<method>.json, so a rerun with --resume goes on with the next one."""
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
     from actors.evaluator import CompareEvalActor
-    from actors.sampler import SamplerActor, SamplerClient
+    from actors.sampler import SamplerClient
     from cca_ray.comparison import build_comparison, write_comparison
     from cca_ray.config import dump_config
     from cca_ray.pipeline import Pipeline, model_path
@@ -336,11 +348,7 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
     init_ray(address, num_cpus)
     c, r = config, config.resources
     path, _ = model_path(c, progress)
-    pg = placement_group([_bundle(r.sampler), _bundle(r.eval)], strategy="PACK")
-    ray.get(pg.ready())
-    sampler = SamplerActor.options(**actor_options(r.sampler, pg, 0)).remote(
-        c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
-        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
+    pg, sampler = model_group(c, path)
     methods: dict[str, dict] = {}
     try:
         pipe = Pipeline(c, root, progress, sampler=SamplerClient(sampler))
