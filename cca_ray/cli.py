@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--quiet", action="store_true", help="no progress bars")
     tb.set_defaults(func=cmd_tiny_build)
 
+    from cca_ray.circuits.cli import add_parser as add_circuits
+
+    add_circuits(sub)
+
     config = sub.add_parser("config", help="configuration files")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a config and print it resolved")

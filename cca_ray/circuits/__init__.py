@@ -1,0 +1,1 @@
+"""Weight-sparse transformers with interpretable circuits (Gao et al. 2025)."""

@@ -1,0 +1,148 @@
+"""`cca-ray circuits train | prune | report | run`: thin argument parsing over circuits.run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _config(args: argparse.Namespace):
+    from cca_ray.circuits.config import load_circuits_config
+
+    if args.config is None and Path(args.out, "config.yaml").is_file():
+        return load_circuits_config(Path(args.out, "config.yaml"))
+    return load_circuits_config(args.config)
+
+
+def _setup(args: argparse.Namespace):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from cca_ray.circuits.run import check_out
+
+    c = _config(args)
+    check_out(c, Path(args.out))
+    return c
+
+
+def _ray(args: argparse.Namespace) -> None:
+    from cca_ray.tune import init_ray
+
+    init_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the config's variants (or the named ones) into OUT/models."""
+    from cca_ray.circuits.run import train_all
+
+    c = _setup(args)
+    names = args.variant or [v.name for v in c.variants]
+    for n in names:
+        c.variant(n)  # a clear error for an unknown name, before any work
+    if len(names) > 1:
+        _ray(args)
+    train_all(c, Path(args.out), names, progress=not args.quiet)
+    print(f"trained {', '.join(names)} in {args.out}/models")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune (with the Tune search unless --no-search) each (variant, task) into OUT/circuits."""
+    from cca_ray.circuits.run import circuit_dir, finalize, prune_one, summarize
+    from cca_ray.circuits.search import search_circuit
+
+    c = _setup(args)
+    out = Path(args.out)
+    names = args.variant or [v.name for v in c.variants]
+    tasks = args.task or c.tasks
+    for n in names:
+        c.variant(n)
+    if not args.no_search:
+        _ray(args)
+    for n in names:
+        for task in tasks:
+            if (circuit_dir(out, n, task) / "circuit.json").is_file() and not args.force:
+                print(f"{n}/{task}: circuit exists (--force to prune again)")
+                continue
+            if args.no_search:
+                best, trials = prune_one(c, out, n, task, progress=not args.quiet), None
+            else:
+                best, trials = search_circuit(c, out, n, task, progress=not args.quiet)
+            ci = finalize(c, out, n, task, best, trials)
+            size = (f"{ci['n_nodes']} nodes, {ci['n_edges']} edges, task loss {ci['task_loss']:.3f}"
+                    if ci["reached"] else "target loss not reached")
+            print(f"{n}/{task}: {size}")
+    summarize(c, out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild circuits.json and report.md from the finished circuits and print the report."""
+    from cca_ray.circuits.run import summarize
+
+    c = _config(args)
+    summarize(c, Path(args.out))
+    print(Path(args.out, "report.md").read_text(), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Everything on the config (default: the built-in CPU-sized run): data, train, prune, report."""
+    from cca_ray.circuits.run import run_all
+
+    c = _setup(args)
+    _ray(args)
+    start = time.perf_counter()
+    run_all(c, Path(args.out), search=not args.no_search, progress=not args.quiet)
+    print(Path(args.out, "report.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'circuits.json'} in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The `circuits` command group of the main parser."""
+    group = sub.add_parser("circuits", help="weight-sparse transformers and their pruned circuits")
+    csub = group.add_subparsers(dest="circuits_command", required=True)
+
+    def common(p: argparse.ArgumentParser, ray_args: bool = True) -> None:
+        p.add_argument("--config", help="circuits YAML (default: OUT/config.yaml if present, else built-in; "
+                                        "see tune_configs/circuits-default.yaml)")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if ray_args:
+            p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+            p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by this command")
+
+    tr = csub.add_parser("train", help="build the corpus and tokenizer, train the sparse and dense models")
+    common(tr)
+    tr.add_argument("--variant", action="append", help="only this variant (repeatable)")
+    tr.set_defaults(func=_guard(cmd_train))
+
+    pr = csub.add_parser("prune", help="learned pruning per (model, task), hyperparameters searched by Tune")
+    common(pr)
+    pr.add_argument("--variant", action="append", help="only this variant (repeatable)")
+    pr.add_argument("--task", action="append", help="only this task (repeatable)")
+    pr.add_argument("--no-search", action="store_true", help="one pruning with the config's values")
+    pr.add_argument("--force", action="store_true", help="prune again where a circuit exists")
+    pr.set_defaults(func=_guard(cmd_prune))
+
+    rp = csub.add_parser("report", help="circuits.json and report.md from finished circuits")
+    common(rp, ray_args=False)
+    rp.set_defaults(func=_guard(cmd_report))
+
+    rn = csub.add_parser("run", help="the default config end to end: OUT/circuits.json")
+    common(rn)
+    rn.add_argument("--no-search", action="store_true", help="prune once per (model, task), no Tune")
+    rn.set_defaults(func=_guard(cmd_run))
+
+
+def _guard(cmd):
+    """Run a circuits subcommand; a missing stage prints its fix instead of a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except FileNotFoundError as exc:
+            print(f"cca-ray circuits: error: {exc}", file=sys.stderr)
+            return 2
+    return run

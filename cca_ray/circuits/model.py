@@ -1,0 +1,175 @@
+"""The weight-sparse GPT of Gao et al. (2025): a GPT-2-style decoder with RMSNorm, untied
+embeddings, optional attention sinks and bigram table, and AbsTopK activation sparsity.
+
+Every place where a circuit node lives (a channel after each RMSNorm, q/k/v channels, MLP
+neurons, block outputs before the residual add) goes through `self.node(name, x)`, so pruning,
+mean recording and snippet collection hook in at one point without touching the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# node locations of one layer, in forward order; `dim` below gives each one's width
+LOCATIONS = ("attn_in", "q", "k", "v", "attn_out", "mlp_in", "mlp", "mlp_out")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the model; stored beside its weights so a checkpoint rebuilds itself."""
+
+    vocab_size: int
+    n_layer: int = 4
+    d_model: int = 128
+    d_head: int = 16
+    d_mlp: int = 512
+    n_ctx: int = 64
+    sinks: bool = True
+    bigram: bool = False
+    pos_emb: bool = False
+    act_topk_fraction: float | None = 0.25  # AbsTopK k = dim x this; None: no activation sparsity
+
+    @property
+    def n_head(self) -> int:
+        return self.d_model // self.d_head
+
+    def dim(self, location: str) -> int:
+        """Width (number of nodes) of one node location in a layer."""
+        return self.d_mlp if location == "mlp" else self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def node_name(layer: int, location: str) -> str:
+    """The stable name of a node location, e.g. 'L2.mlp' (TransformerLens-like addressing)."""
+    return f"L{layer}.{location}"
+
+
+def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k entries of largest magnitude along the last dimension, zero the rest."""
+    if k >= x.shape[-1]:
+        return x
+    idx = x.abs().topk(k, dim=-1).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a gain and no bias: zero stays zero, so pruning's zero keeps its meaning."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.gain
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, model: SparseGPT):
+        super().__init__()
+        d, h = spec.d_model, spec.n_head * spec.d_head
+        self.spec, self.layer = spec, layer
+        self._model = [model]  # a list, so the parent is not registered as a submodule
+        self.ln_attn, self.ln_mlp = RMSNorm(d), RMSNorm(d)
+        self.q, self.k, self.v = (nn.Linear(d, h, bias=False) for _ in range(3))
+        self.o = nn.Linear(h, d, bias=False)
+        self.mlp_in = nn.Linear(d, spec.d_mlp, bias=False)
+        self.mlp_out = nn.Linear(spec.d_mlp, d, bias=False)
+        self.sink = nn.Parameter(torch.zeros(spec.n_head)) if spec.sinks else None
+
+    def _act(self, location: str, x: torch.Tensor) -> torch.Tensor:
+        """AbsTopK at a location, then the node hook."""
+        frac = self.spec.act_topk_fraction
+        if frac is not None:
+            x = abs_topk(x, max(1, int(x.shape[-1] * frac)))
+        return self._model[0].node(node_name(self.layer, location), x)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        nh, dh = self.spec.n_head, self.spec.d_head
+        q = self._act("q", self.q(x)).view(b, t, nh, dh).transpose(1, 2)
+        k = self._act("k", self.k(x)).view(b, t, nh, dh).transpose(1, 2)
+        v = self._act("v", self.v(x)).view(b, t, nh, dh).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(dh)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        if self.sink is not None:  # an extra key slot with zero value and a learned logit per head
+            sink = self.sink.view(1, nh, 1, 1).expand(b, nh, t, 1)
+            probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :t]
+        else:
+            probs = scores.softmax(-1)
+        return (probs @ v).transpose(1, 2).reshape(b, t, nh * dh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self._act("attn_in", self.ln_attn(x))
+        x = x + self._act("attn_out", self.o(self.attention(a)))
+        m = self._act("mlp_in", self.ln_mlp(x))
+        m = self._act("mlp", F.gelu(self.mlp_in(m)))
+        return x + self._act("mlp_out", self.mlp_out(m))
+
+
+class SparseGPT(nn.Module):
+    """The decoder. Weight sparsity is imposed from outside (train.py), so the same class is
+    the sparse model and its dense twin."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.pos = nn.Embedding(spec.n_ctx, spec.d_model) if spec.pos_emb else None
+        self.blocks = nn.ModuleList(Block(spec, i, self) for i in range(spec.n_layer))
+        self.ln_f = RMSNorm(spec.d_model)
+        self.unembed = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        self.bigram = nn.Parameter(torch.zeros(spec.vocab_size, spec.vocab_size)) if spec.bigram else None
+        self.node_fn: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.in_features))
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=1.0)
+
+    def node(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Every node location passes through here; `node_fn` (if set) may record or replace x."""
+        return x if self.node_fn is None else self.node_fn(name, x)
+
+    def node_locations(self) -> dict[str, int]:
+        """Every node location name -> its width, in forward order."""
+        return {node_name(i, loc): self.spec.dim(loc)
+                for i in range(self.spec.n_layer) for loc in LOCATIONS}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, time, vocab] for token ids [batch, time]."""
+        t = tokens.shape[1]
+        if t > self.spec.n_ctx:
+            raise ValueError(f"sequence of {t} tokens is longer than the model's context "
+                             f"({self.spec.n_ctx}); raise model.n_ctx or shorten the input")
+        x = self.embed(tokens)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(t, device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.unembed(self.ln_f(x))
+        if self.bigram is not None:
+            logits = logits + self.bigram[tokens]
+        return logits
+
+    def sparse_matrices(self) -> dict[str, nn.Parameter]:
+        """The weight matrices that weight-sparse training sparsifies (not gains, sinks, bigram)."""
+        return {n: p for n, p in self.named_parameters()
+                if p.dim() == 2 and n != "bigram"}
+
+
+def is_embedding(name: str) -> bool:
+    """Embedding-like matrices get a milder L0 fraction than the rest."""
+    return name.split(".")[0] in ("embed", "unembed", "pos")

@@ -1,0 +1,285 @@
+"""Learned circuit pruning (Gao et al. 2025): one parameter tau per node, a Heaviside gate with a
+sigmoid surrogate gradient, pruned nodes mean-ablated; loss = task loss + k_coef x kept nodes;
+then bisection on the number of kept nodes (top by tau) for the smallest circuit reaching the
+target loss, a logit scale and shift fitted with LBFGS, and sufficiency / necessity checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cca_ray.circuits.model import SparseGPT
+from cca_ray.circuits.tasks import TaskBatch, binary_logit, task_loss
+
+log = logging.getLogger(__name__)
+
+Keep = dict[str, torch.Tensor]  # node location -> bool [dim]: True = kept
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Pruning hyperparameters; defaults are the paper's CARBS search centres."""
+
+    steps: int = 400
+    batch_pairs: int = 32
+    lr: float = 3e-3
+    k_coef: float = 1e-4
+    init_noise_scale: float = 1e-2
+    init_noise_bias: float = 1e-1
+    weight_decay: float = 1e-3
+    temperature: float = 1.0
+    warmup: float = 0.05
+    inv_beta2: float = 0.05
+    grad_clip: float = 1.0
+    target_loss: float = 0.15
+    lbfgs_steps: int = 16
+    necessity_threshold: float = 0.5  # ablating the circuit must push the loss at least this high
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Heaviside(torch.autograd.Function):
+    """H(tau) forward; d sigmoid(tau / T) / d tau backward (the surrogate gradient)."""
+
+    @staticmethod
+    def forward(ctx, tau: torch.Tensor, temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(tau)
+        ctx.temperature = temperature
+        return (tau > 0).to(tau.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (tau,) = ctx.saved_tensors
+        s = torch.sigmoid(tau / ctx.temperature)
+        return grad * s * (1 - s) / ctx.temperature, None
+
+
+def heaviside(tau: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Heaviside step of tau (1 where tau > 0) with the sigmoid-derivative surrogate gradient."""
+    return _Heaviside.apply(tau, temperature)
+
+
+class MeanAblation:
+    """A model's `node_fn`: x -> mean + gate x (x - mean) per channel (gate 1 keeps, 0 mean-ablates).
+
+    `gates` maps location -> [dim] tensor in [0, 1]; locations without a gate pass through.
+    """
+
+    def __init__(self, means: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]):
+        self.means, self.gates = means, gates
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gates.get(name)
+        if gate is None:
+            return x
+        mean = self.means[name]
+        return mean + gate * (x - mean)
+
+
+class _Recorder:
+    """A `node_fn` that sums activations per channel (to compute means) and passes x through."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        self.sums[name] = self.sums.get(name, 0) + flat.sum(0)
+        return x
+
+
+@torch.no_grad()
+def node_means(model: SparseGPT, tokens: torch.Tensor, windows: int = 256, batch_size: int = 32,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """Mean activation of every node over `windows` random pretraining-corpus windows."""
+    from cca_ray.circuits.train import batches
+
+    gen = torch.Generator().manual_seed(seed)
+    rec = _Recorder()
+    model.eval()
+    model.node_fn = rec
+    done = 0
+    try:
+        while done < windows:
+            b = batches(tokens, model.spec.n_ctx, min(batch_size, windows - done), gen)[:, :-1]
+            model(b)
+            rec.count += b.numel()
+            done += b.shape[0]
+    finally:
+        model.node_fn = None
+    return {k: (v / rec.count).float() for k, v in rec.sums.items()}
+
+
+def last_logits(model: SparseGPT, batch: TaskBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [N, V] at each row's scored position."""
+    tokens, last = (batch.tokens, batch.last) if rows is None else (batch.tokens[rows], batch.last[rows])
+    width = int(last.max()) + 1
+    logits = model(tokens[:, :width])
+    return logits[torch.arange(len(last)), last]
+
+
+@torch.no_grad()
+def circuit_logit(model: SparseGPT, means: dict[str, torch.Tensor], keep: Keep | None,
+                  batch: TaskBatch) -> torch.Tensor:
+    """The task's binary logit (A - B) when only `keep` is kept (None: the whole model)."""
+    model.eval()
+    model.node_fn = None if keep is None else MeanAblation(means, {k: v.float() for k, v in keep.items()})
+    try:
+        return binary_logit(last_logits(model, batch), batch)
+    finally:
+        model.node_fn = None
+
+
+def loss_from_logit(d: torch.Tensor, batch: TaskBatch, scale: float = 1.0, shift: float = 0.0) -> float:
+    """Task loss from a precomputed binary logit (same formula as tasks.task_loss)."""
+    return float(torch.nn.functional.softplus(-batch.label * (scale * d + shift)).mean())
+
+
+def _lr_factor(step: int, s: PruneSpec) -> float:
+    warm = max(1, round(s.warmup * s.steps))
+    return (step + 1) / warm if step < warm else max(0.0, (s.steps - step) / max(1, s.steps - warm))
+
+
+def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBatch, s: PruneSpec,
+                progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Learn tau per node: AdamW on task loss + k_coef x (kept nodes), tau clamped to [-1, 1]."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(s.seed)
+    model.eval()
+    model.requires_grad_(False)
+    locations = model.node_locations()
+    taus = {n: torch.nn.Parameter(s.init_noise_bias + s.init_noise_scale * torch.randn(d, generator=gen))
+            for n, d in locations.items()}
+    opt = torch.optim.AdamW(list(taus.values()), lr=s.lr, betas=(0.9, 1.0 - s.inv_beta2),
+                            weight_decay=s.weight_decay)
+    pairs = len(batch) // 2
+    history = []
+    try:
+        for step in tqdm(range(s.steps), desc="prune", disable=not progress, mininterval=2.0):
+            for g in opt.param_groups:
+                g["lr"] = s.lr * _lr_factor(step, s)
+            pick = torch.randperm(pairs, generator=gen)[:s.batch_pairs]
+            rows = torch.stack([2 * pick, 2 * pick + 1], 1).flatten()
+            gates = {n: heaviside(t, s.temperature) for n, t in taus.items()}
+            model.node_fn = MeanAblation(means, gates)
+            logits = last_logits(model, batch, rows)
+            loss_task = task_loss(logits, _rows(batch, rows))
+            kept = sum(g.sum() for g in gates.values())
+            loss = loss_task + s.k_coef * kept
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(taus.values()), s.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                for t in taus.values():
+                    t.clamp_(-1.0, 1.0)
+            if step % 50 == 0 or step == s.steps - 1:
+                history.append({"step": step, "task_loss": float(loss_task.detach()),
+                                "kept": int(kept.detach())})
+    finally:
+        model.node_fn = None
+        model.requires_grad_(True)
+    return {n: t.detach() for n, t in taus.items()}, history
+
+
+def _rows(batch: TaskBatch, rows: torch.Tensor) -> TaskBatch:
+    """The sub-batch of some rows (tokens are not needed by the loss)."""
+    from dataclasses import replace
+
+    return replace(batch, tokens=batch.tokens[rows], last=batch.last[rows], correct=batch.correct[rows],
+                   alternative=batch.alternative[rows], label=batch.label[rows])
+
+
+def node_order(taus: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Every node, highest tau first (ties keep forward order: stable sort)."""
+    names = [(n, i) for n, t in taus.items() for i in range(len(t))]
+    flat = torch.cat(list(taus.values()))
+    order = torch.sort(flat, descending=True, stable=True).indices.tolist()
+    return [names[i] for i in order]
+
+
+def top_k_keep(order: list[tuple[str, int]], k: int, locations: dict[str, int]) -> Keep:
+    """The keep masks of the first k nodes of `order`."""
+    keep = {n: torch.zeros(d, dtype=torch.bool) for n, d in locations.items()}
+    for n, i in order[:k]:
+        keep[n][i] = True
+    return keep
+
+
+def bisect_smallest(loss_of_k: Callable[[int], float], n: int, target: float) -> int | None:
+    """Smallest k in [0, n] with loss_of_k(k) <= target, assuming the loss falls as k grows;
+    None if even k = n misses the target."""
+    if loss_of_k(n) > target:
+        return None
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if loss_of_k(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def fit_scale_shift(d: torch.Tensor, batch: TaskBatch, steps: int = 16) -> tuple[float, float]:
+    """Scale and shift of the binary logit minimising the task loss, by LBFGS (`steps` iterations)."""
+    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-batch.label * (params[0] * d + params[1])).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(params[0]), float(params[1])
+
+
+def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, val: TaskBatch,
+          test: TaskBatch, s: PruneSpec, progress: bool = False) -> dict:
+    """The whole pruning of one (model, task): learn taus on `train`, bisect and calibrate on
+    `val`, check sufficiency and necessity on `test`. Returns the circuit (keep masks as lists)."""
+    start = time.perf_counter()
+    locations = model.node_locations()
+    total = sum(locations.values())
+    full_d = circuit_logit(model, means, None, test)
+    taus, history = train_masks(model, means, train, s, progress)
+    order = node_order(taus)
+    cache: dict[int, float] = {}
+
+    def loss_of_k(k: int) -> float:
+        if k not in cache:
+            cache[k] = loss_from_logit(circuit_logit(model, means, top_k_keep(order, k, locations), val), val)
+        return cache[k]
+
+    k = bisect_smallest(loss_of_k, total, s.target_loss)
+    result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
+              "learned_kept": int(sum(int((t > 0).sum()) for t in taus.values())),
+              "history": history, "hyperparameters": s.to_dict(), "bisection_evaluations": len(cache)}
+    if k is None:
+        log.info("pruning did not reach the target loss %.3g even with every node kept (loss %.3g)",
+                 s.target_loss, loss_of_k(total))
+        return {**result, "reached": False, "n_nodes": None, "keep": None, "task_loss": loss_of_k(total),
+                "seconds": time.perf_counter() - start}
+    keep = top_k_keep(order, k, locations)
+    scale, shift = fit_scale_shift(circuit_logit(model, means, keep, val), val, s.lbfgs_steps)
+    suff_loss = loss_from_logit(circuit_logit(model, means, keep, test), test, scale, shift)
+    ablated = {n: ~m for n, m in keep.items()}
+    nec_loss = loss_from_logit(circuit_logit(model, means, ablated, test), test)
+    return {**result, "reached": True, "n_nodes": k, "keep": {n: m.nonzero().flatten().tolist()
+                                                            for n, m in keep.items() if m.any()},
+            "val_loss_uncalibrated": loss_of_k(k), "scale": scale, "shift": shift,
+            "task_loss": suff_loss, "sufficient": suff_loss <= s.target_loss,
+            "necessity_loss": nec_loss, "necessary": nec_loss >= s.necessity_threshold,
+            "tau": {n: taus[n][m].tolist() for n, m in keep.items() if m.any()},
+            "seconds": time.perf_counter() - start}

@@ -1,0 +1,113 @@
+"""`cca-ray circuits` end to end on a tiny config: corpus, sparse + dense training, pruning without
+and with the Ray Tune search (a real local Ray), circuit JSON / picture / snippets, circuits.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cca_ray.cli import main
+
+TINY = {
+    "corpus": {"train_docs": 600, "val_docs": 100, "vocab_size": 256},
+    "model": {"n_layer": 1, "d_model": 32, "d_head": 8, "d_mlp": 64, "n_ctx": 64},
+    "train": {"steps": 60, "batch_size": 8, "eval_every": 30, "eval_batches": 2, "checkpoint_every": 30},
+    "variants": [{"name": "sparse", "l0_target": 0.25}, {"name": "dense", "l0_target": 1.0}],
+    "tasks": ["single_double_quote"],
+    "prune": {"steps": 30, "batch_pairs": 8, "train_pairs": 16, "val_pairs": 16, "test_pairs": 16,
+              "mean_windows": 16, "target_loss": 0.6, "k_coef": 5e-4, "lr": 0.02},
+    "search": {"num_samples": 2, "max_concurrent_trials": 2},
+    "report": {"snippet_windows": 16, "snippets_per_node": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("circuits")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = root / "out"
+    import ray
+
+    try:  # two variants: trained as two concurrent Ray tasks on a local Ray the command starts
+        rc = main(["circuits", "run", "--config", str(cfg), "--out", str(out), "--no-search", "--quiet"])
+    finally:
+        ray.shutdown()
+    return cfg, out, rc
+
+
+def _check_circuit(circuit: dict) -> None:
+    names = {n["name"] for n in circuit["nodes"]}
+    if circuit["reached"]:
+        assert circuit["n_nodes"] == len(circuit["nodes"])
+        assert circuit["n_edges"] == len(circuit["edges"])
+        assert all(e["src"] in names and e["dst"] in names and e["weight"] != 0 for e in circuit["edges"])
+        assert circuit["task_loss"] is not None and circuit["sufficient"] == (circuit["task_loss"] <= 0.6)
+    else:
+        assert circuit["n_nodes"] is None and circuit["nodes"] == []
+
+
+def test_run_writes_circuits_for_both_models(tiny_run):
+    cfg, out, rc = tiny_run
+    assert rc == 0
+    summary = json.loads((out / "circuits.json").read_text())
+    for variant in ("sparse", "dense"):
+        row = summary[variant]["single_double_quote"]
+        assert set(row) >= {"nodes", "edges", "task_loss", "sufficient", "necessary"}
+        d = out / "circuits" / variant / "single_double_quote"
+        circuit = json.loads((d / "circuit.json").read_text())
+        _check_circuit(circuit)
+        assert row["nodes"] == circuit["n_nodes"] and row["edges"] == circuit["n_edges"]
+        if circuit["reached"]:
+            assert (d / "circuit.png").stat().st_size > 1000
+            assert set(circuit["snippets"]) == {n["name"] for n in circuit["nodes"]}
+    models = summary["models"]
+    assert models["sparse"]["nonzero_fraction"] == pytest.approx(0.25, abs=0.01)
+    assert models["dense"]["nonzero_fraction"] > 0.99
+    assert "dense/sparse" in (out / "report.md").read_text()
+
+
+def test_report_rebuilds_the_summary_and_a_changed_model_config_is_refused(tiny_run, tmp_path, capsys):
+    cfg, out, _ = tiny_run
+    before = json.loads((out / "circuits.json").read_text())
+    (out / "circuits.json").unlink()
+    assert main(["circuits", "report", "--out", str(out)]) == 0
+    assert json.loads((out / "circuits.json").read_text()) == before
+    assert "| sparse |" in capsys.readouterr().out
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], "d_model": 64}}))
+    assert main(["circuits", "train", "--config", str(other), "--out", str(out), "--quiet"]) == 2
+    assert "different model config" in capsys.readouterr().err
+
+
+def test_prune_before_training_names_the_fix(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    rc = main(["circuits", "prune", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-search"])
+    assert rc == 2 and "cca-ray circuits train" in capsys.readouterr().err
+
+
+def test_tune_search_keeps_the_smallest_circuit(tiny_run):
+    import ray
+
+    cfg, out, _ = tiny_run
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        rc = main(["circuits", "prune", "--out", str(out), "--variant", "sparse", "--force", "--quiet"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    d = out / "circuits" / "sparse" / "single_double_quote"
+    circuit = json.loads((d / "circuit.json").read_text())
+    trials = circuit["trials"]
+    assert len(trials) == 2 and len(list((d / "trials").glob("*.json"))) == 2
+    # the first trial is the config's pruning values (the paper's search centres)
+    assert any(t["params"]["k_coef"] == pytest.approx(5e-4) and t["params"]["lr"] == pytest.approx(0.02)
+               for t in trials)
+    best = min(t["objective"] for t in trials)
+    assert circuit["search"]["best_trial"] in {t["trial_id"] for t in trials if t["objective"] == best}
+    if circuit["reached"]:
+        assert circuit["n_nodes"] == best
+    _check_circuit(circuit)
