@@ -76,6 +76,16 @@ def test_report_rebuilds_the_summary_and_a_changed_model_config_is_refused(tiny_
     assert main(["circuits", "report", "--out", str(out)]) == 0
     assert json.loads((out / "circuits.json").read_text()) == before
     assert "| sparse |" in capsys.readouterr().out
+    # --redraw rebuilds each circuit from its stored pruning result, without pruning again
+    d = out / "circuits" / "sparse" / "single_double_quote"
+    first = json.loads((d / "circuit.json").read_text())
+    (d / "circuit.json").unlink()
+    assert main(["circuits", "report", "--out", str(out), "--redraw"]) == 0
+    assert "redrew sparse/single_double_quote, dense/single_double_quote" in capsys.readouterr().out
+    again = json.loads((d / "circuit.json").read_text())
+    assert (again["n_nodes"], again["edges"]) == (first["n_nodes"], first["edges"])
+    if again["reached"]:
+        assert all("⟦" in r["text"] for rows in again["snippets"].values() for r in rows)
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], "d_model": 64}}))
     assert main(["circuits", "train", "--config", str(other), "--out", str(out), "--quiet"]) == 2

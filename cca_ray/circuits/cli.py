@@ -79,9 +79,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild circuits.json and report.md from the finished circuits and print the report."""
-    from cca_ray.circuits.run import summarize
+    from cca_ray.circuits.run import redraw, summarize
 
     c = _config(args)
+    if args.redraw:
+        print(f"redrew {', '.join(redraw(c, Path(args.out))) or 'nothing (no finished circuit)'}")
     summarize(c, Path(args.out))
     print(Path(args.out, "report.md").read_text(), end="")
     return 0
@@ -129,6 +131,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     rp = csub.add_parser("report", help="circuits.json and report.md from finished circuits")
     common(rp, ray_args=False)
+    rp.add_argument("--redraw", action="store_true",
+                    help="rebuild each circuit's JSON, picture and snippets from its stored pruning result")
     rp.set_defaults(func=_guard(cmd_report))
 
     rn = csub.add_parser("run", help="the default config end to end: OUT/circuits.json")

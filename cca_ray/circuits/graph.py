@@ -119,7 +119,8 @@ def render(circuit: dict, path: str | Path, title: str = "") -> Path:
 def top_snippets(model: SparseGPT, tok, tokens: torch.Tensor, keep: dict[str, list[int]], windows: int = 256,
                  per_node: int = 5, context: int = 16, seed: int = 0) -> dict[str, list[dict]]:
     """Per kept node, the corpus positions where |activation| is largest: the text up to and
-    including that token (the token itself in [[ ]]) and the activation."""
+    including that token (the token itself in ⟦ ⟧; the document separator shows as <|endoftext|>)
+    and the activation."""
     from cca_ray.circuits.train import batches
 
     gen = torch.Generator().manual_seed(seed)
@@ -145,13 +146,16 @@ def top_snippets(model: SparseGPT, tok, tokens: torch.Tensor, keep: dict[str, li
         a = torch.cat(acts[name])  # [windows, T, len(ix)]
         for col, i in enumerate(ix):
             vals = a[..., col]
-            top = vals.abs().flatten().topk(min(per_node, vals.numel())).indices
-            rows = []
-            for flat in top.tolist():
+            top = vals.abs().flatten().topk(min(per_node * 8, vals.numel())).indices
+            rows, seen = [], set()
+            for flat in top.tolist():  # overlapping windows repeat a snippet: keep distinct texts
                 w, t = divmod(flat, vals.shape[1])
-                before = tok.decode(data[w, max(0, t - context + 1):t].tolist())
-                rows.append({"text": before + "[[" + tok.decode([int(data[w, t])]) + "]]",
-                             "activation": float(vals[w, t])})
+                before = tok.decode(data[w, max(0, t - context + 1):t].tolist(), skip_special_tokens=False)
+                token = tok.decode([int(data[w, t])], skip_special_tokens=False)
+                text = f"{before}⟦{token}⟧"
+                if text not in seen and len(rows) < per_node:
+                    seen.add(text)
+                    rows.append({"text": text, "activation": float(vals[w, t])})
             out[f"{name}.{i}"] = rows
     return out
 

@@ -160,6 +160,7 @@ def finalize(c: CircuitsConfig, out: Path, variant: str, task: str, result: dict
 
     d = circuit_dir(out, variant, task)
     d.mkdir(parents=True, exist_ok=True)
+    write_json({"result": result, "trials": trials}, d / "result.json")  # what `report --redraw` redoes
     model, means = load_variant(c, out, variant)
     keep = result.get("keep") or {}
     circuit = {k: v for k, v in result.items() if k not in ("keep", "tau")}
@@ -186,6 +187,29 @@ def finalize(c: CircuitsConfig, out: Path, variant: str, task: str, result: dict
         circuit["snippets"] = snippets
     write_json(circuit, d / "circuit.json")
     return circuit
+
+
+def redraw(c: CircuitsConfig, out: Path) -> list[str]:
+    """Rebuild every finished circuit's JSON, picture and snippets from its stored pruning result
+    (e.g. after changing the `report` settings); nothing is pruned again."""
+    done = []
+    for v in c.variants:
+        for task in c.tasks:
+            d = circuit_dir(out, v.name, task)
+            if (d / "result.json").is_file():
+                stored = json.loads((d / "result.json").read_text())
+            elif (d / "circuit.json").is_file():  # a searched circuit: its best trial holds the result
+                circuit = json.loads((d / "circuit.json").read_text())
+                best = (circuit.get("search") or {}).get("best_trial")
+                if best is None or not (d / "trials" / f"{best}.json").is_file():
+                    continue
+                result = json.loads((d / "trials" / f"{best}.json").read_text())
+                stored = {"result": {**result, "search": circuit["search"]}, "trials": circuit.get("trials")}
+            else:
+                continue
+            finalize(c, out, v.name, task, stored["result"], stored["trials"])
+            done.append(f"{v.name}/{task}")
+    return done
 
 
 SUMMARY_FIELDS = ("nodes", "edges", "task_loss", "sufficient", "necessary", "necessity_loss",
