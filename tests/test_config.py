@@ -12,9 +12,21 @@ TUNE_CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
 
 
 @pytest.mark.parametrize("path", sorted(p for p in TUNE_CONFIGS.glob("*.yaml")
-                                         if not p.name.startswith("sweep")), ids=lambda p: p.name)
+                                         if not p.name.startswith(("sweep", "circuits"))), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     assert isinstance(load_config(path), CCAConfig)
+
+
+def test_circuits_default_file_is_the_builtin_default_and_bad_fields_are_named(tmp_path):
+    from cca_ray.circuits.config import CircuitsConfig, load_circuits_config
+
+    assert load_circuits_config(TUNE_CONFIGS / "circuits-default.yaml") == CircuitsConfig()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [single_double_quote, nope]\nmodel: {d_model: 100, d_head: 16}\ntrain: {stepz: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_circuits_config(bad)
+    text = str(err.value)
+    assert "bad.yaml" in text and "train.stepz: unknown key" in text and "d_model (100)" in text
 
 
 @pytest.mark.parametrize("path", sorted(TUNE_CONFIGS.glob("sweep*.yaml")), ids=lambda p: p.name)
