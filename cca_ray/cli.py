@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, TemplateError, LocalizationError, DCMError, UpdateError,
-            UnsupportedArchitecture) as exc:
+            UnsupportedArchitecture, FileNotFoundError) as exc:  # every message names its fix
         print(f"cca-ray: error: {exc}", file=sys.stderr)
         return 2
 

@@ -46,12 +46,12 @@ def _safetensors_keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def _atomic_write(path: str | Path, write) -> Path:
+def _atomic_write(path: str | Path, write, binary: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are as readable as any file
         os.replace(tmp, path)
@@ -90,3 +90,16 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write a JSON document (indented), atomically."""
     return _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write a text file atomically."""
+    return _atomic_write(path, lambda f: f.write(text))
+
+
+def write_safetensors(tensors: dict[str, Any], path: str | Path) -> Path:
+    """Write tensors as one safetensors file atomically (a crash leaves the old file or none)."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    return _atomic_write(path, lambda f: f.write(data), binary=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -119,7 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr = csub.add_parser("train", help="build the corpus and tokenizer, train the sparse and dense models")
     common(tr)
     tr.add_argument("--variant", action="append", help="only this variant (repeatable)")
-    tr.set_defaults(func=_guard(cmd_train))
+    tr.set_defaults(func=cmd_train)
 
     pr = csub.add_parser("prune", help="learned pruning per (model, task), hyperparameters searched by Tune")
     common(pr)
@@ -127,26 +126,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--task", action="append", help="only this task (repeatable)")
     pr.add_argument("--no-search", action="store_true", help="one pruning with the config's values")
     pr.add_argument("--force", action="store_true", help="prune again where a circuit exists")
-    pr.set_defaults(func=_guard(cmd_prune))
+    pr.set_defaults(func=cmd_prune)
 
     rp = csub.add_parser("report", help="circuits.json and report.md from finished circuits")
     common(rp, ray_args=False)
     rp.add_argument("--redraw", action="store_true",
                     help="rebuild each circuit's JSON, picture and snippets from its stored pruning result")
-    rp.set_defaults(func=_guard(cmd_report))
+    rp.set_defaults(func=cmd_report)
 
     rn = csub.add_parser("run", help="the default config end to end: OUT/circuits.json")
     common(rn)
     rn.add_argument("--no-search", action="store_true", help="prune once per (model, task), no Tune")
-    rn.set_defaults(func=_guard(cmd_run))
-
-
-def _guard(cmd):
-    """Run a circuits subcommand; a missing stage prints its fix instead of a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return cmd(args)
-        except FileNotFoundError as exc:
-            print(f"cca-ray circuits: error: {exc}", file=sys.stderr)
-            return 2
-    return run
+    rn.set_defaults(func=cmd_run)

@@ -125,7 +125,7 @@ def top_snippets(model: SparseGPT, tok, tokens: torch.Tensor, keep: dict[str, li
 
     gen = torch.Generator().manual_seed(seed)
     data = batches(tokens, model.spec.n_ctx, windows, gen)[:, :-1]
-    acts: dict[str, torch.Tensor] = {}
+    acts: dict[str, list[torch.Tensor]] = {}
 
     def record(name: str, x: torch.Tensor) -> torch.Tensor:
         if keep.get(name):

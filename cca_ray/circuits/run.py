@@ -15,16 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cca_ray.circuits.config import CircuitsConfig
 from cca_ray.config import ConfigError
-from cca_ray.io import write_json
+from cca_ray.io import write_json, write_safetensors, write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,7 @@ def check_out(c: CircuitsConfig, out: Path) -> None:
         if changed:
             raise ConfigError(f"{out} holds models made with a different {', '.join(changed)} config; "
                               f"use another --out (or delete {out}) to train anew")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(now, sort_keys=False))
-    os.replace(tmp, path)
+    write_text(yaml.safe_dump(now, sort_keys=False), path)
 
 
 def prepare_data(c: CircuitsConfig, out: Path):
@@ -64,8 +61,7 @@ def prepare_data(c: CircuitsConfig, out: Path):
     tok = train_tokenizer(train_docs, s.vocab_size)
     train, val = encode_docs(tok, train_docs), encode_docs(tok, val_docs)
     save_tokenizer(tok, data / "tokenizer.json")
-    save_file({"train": train, "val": val}, str(data / "tokens.tmp"))
-    os.replace(data / "tokens.tmp", data / "tokens.safetensors")
+    write_safetensors({"train": train, "val": val}, data / "tokens.safetensors")
     log.info("corpus: %d train docs (%d tokens), %d val docs (%d tokens), vocab %d, %.1f s",
              len(train_docs), len(train), len(val_docs), len(val), tok.get_vocab_size(),
              time.perf_counter() - start)
@@ -91,9 +87,9 @@ def train_all(c: CircuitsConfig, out: Path, names: list[str], progress: bool = T
     prepare_data(c, out)  # once, before any worker needs it
     todo = [n for n in names if not _trained(out / "models" / n)]
     if len(todo) > 1 and ray.is_initialized():
-        r = c.train_resources
-        env = {"env_vars": {"OMP_NUM_THREADS": str(r.threads)}} if r.threads else None
-        remote = ray.remote(_train_task).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=env)
+        from cca_ray.tune import actor_options
+
+        remote = ray.remote(_train_task).options(**actor_options(c.train_resources))
         log.info("training %s as %d concurrent Ray tasks", ", ".join(todo), len(todo))
         ray.get([remote.remote(c.model_dump(mode="json"), str(out), n) for n in todo])
     else:
@@ -123,8 +119,7 @@ def load_variant(c: CircuitsConfig, out: Path, name: str):
     if not (path / "means.safetensors").is_file():
         _, train_tokens, _ = prepare_data(c, out)
         means = node_means(model, train_tokens, c.prune.mean_windows, seed=c.prune.seed)
-        save_file(means, str(path / "means.tmp"))
-        os.replace(path / "means.tmp", path / "means.safetensors")
+        write_safetensors(means, path / "means.safetensors")
     return model, load_file(str(path / "means.safetensors"))
 
 

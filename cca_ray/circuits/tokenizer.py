@@ -5,13 +5,13 @@ every task's candidate (`"`, `'`, `]]`, `]`, `.`, ` +=`, `:`, newline) is one to
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from cca_ray.io import write_text
 
 EOT = "<|endoftext|>"
 
@@ -47,16 +47,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
     """Write the tokenizer as JSON atomically (temp file + rename), so a crash leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(tok.to_str())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(tok.to_str(), path)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cca_ray.circuits.model import ModelSpec, SparseGPT, is_embedding
-from cca_ray.io import write_json
+from cca_ray.io import write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +156,7 @@ def nonzero_fraction(model: SparseGPT, embeddings: bool = False) -> float:
 
 def save_model(model: SparseGPT, path: Path, extra: dict | None = None) -> None:
     """weights.safetensors + model.json (the spec and anything in `extra`), written atomically."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "weights.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path / "weights.safetensors")
+    write_safetensors(model.state_dict(), path / "weights.safetensors")
     write_json({"spec": model.spec.to_dict(), **(extra or {})}, path / "model.json")
 
 
@@ -188,9 +184,8 @@ def _save_checkpoint(model: SparseGPT, opt: torch.optim.Optimizer, step: int, hi
                 state[f"{names[id(p)]}.exp_avg_sq"] = st["exp_avg_sq"]
                 state[f"{names[id(p)]}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
     state["rng"] = gen.get_state()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "optimizer.safetensors.tmp"))
     save_model(model, ckpt, {"step": step, "history": history})
-    os.replace(ckpt / "optimizer.safetensors.tmp", ckpt / "optimizer.safetensors")
+    write_safetensors(state, ckpt / "optimizer.safetensors")  # last: its presence marks a whole checkpoint
 
 
 def _load_checkpoint(model: SparseGPT, opt: torch.optim.Optimizer, ckpt: Path,
