@@ -113,6 +113,15 @@ class VLLMSampler:
                                       context) for o in samples]
         return out
 
+    def token_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-probability of each token after the first given the ones before it (vLLM's prompt
+        logprobs, raw logits): what the engine's current weights score, to check them against HF."""
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        requests = [self._vllm.TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
+        results = self.llm.generate(requests, params, use_tqdm=False)
+        return [[step[token].logprob for token, step in zip(seq[1:], r.prompt_logprobs[1:], strict=True)]
+                for seq, r in zip(sequences, results, strict=True)]
+
     def push_weights(self, weights: dict[str, Any]) -> None:
         """Load these weights (HF parameter name -> full tensor) into the running engine, then drop
         cached prefixes (their KV was computed with the old weights): how a trainer's updates reach
@@ -153,7 +162,8 @@ class WeightSync:
 
     Same shape as the live weight: copied in place (CUDA graphs keep their pointers). vLLM's CPU
     build repacks linear weights for oneDNN and leaves an empty tensor: then the weight is
-    replaced and the module's own post-load step repacks it."""
+    replaced. Either way every module holding that weight (a tied lm_head holds the embedding's)
+    gets it, and one whose CPU kernel was packed from it (``cpu_linear``: linears, lm_head) repacks."""
 
     def cca_load_modules(self, names: list[str], blobs: list[tuple[bytes, list[int], str]]) -> bool:
         import torch
@@ -164,17 +174,22 @@ class WeightSync:
                 t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype.split(".")[-1])).view(*shape)
                 if name not in modules:
                     raise KeyError(f"vLLM has no module {name!r}: this architecture's names differ from HF's")
-                module = modules[name]
-                w = module.weight
+                w = modules[name].weight
+                holders = [m for m in modules.values() if getattr(m, "weight", None) is w]
+                reset = w.numel() == 0 or w.dim() != t.dim()  # repacked for oneDNN (CPU build)
                 if w.shape == t.shape:
                     w.copy_(t.to(w.dtype))
-                elif w.numel() == 0 or w.dim() != t.dim():  # repacked for oneDNN (CPU build): re-set
-                    module.weight = torch.nn.Parameter(t.to(w.device), requires_grad=False)
-                    module.quant_method.process_weights_after_loading(module)
+                elif reset:
+                    w = torch.nn.Parameter(t.to(w.device), requires_grad=False)
+                    for m in holders:
+                        m.weight = w
                 elif w.shape[1:] == t.shape[1:] and w.shape[0] > t.shape[0]:  # vocab padded by vLLM
                     w[: t.shape[0]].copy_(t.to(w.dtype))
                 else:
                     raise ValueError(f"cannot load {name}: vLLM holds {tuple(w.shape)}, got {tuple(t.shape)}")
+                for m in holders:
+                    if reset or hasattr(m, "cpu_linear"):  # a kernel packed from the old values
+                        m.quant_method.process_weights_after_loading(m)
         return True
 
 
