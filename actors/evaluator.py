@@ -31,10 +31,10 @@ class Evaluator:
         p = self.pipe
         masks, dcm_meta = p.dcm(self.prep.pivots)
         selected = {k: m > 0.5 for k, m in masks.items()}
-        best, runs = p.best_update("cca", selected, self.prep)
-        random_best = [p.best_update(f"random{s}", random_selection(selected, s), self.prep)[0]
+        _, runs = p.best_update("cca", selected, self.prep)
+        random_runs = [p.best_update(f"random{s}", random_selection(selected, s), self.prep)[1]
                        for s in range(p.config.update.random_seeds)]
-        report = p.final_report(self.prep, dcm_meta, best, runs, random_best)
+        report = p.final_report(self.prep, dcm_meta, runs, random_runs)
         write_report(report, p.out)
         return report
 

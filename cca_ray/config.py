@@ -68,6 +68,9 @@ class LocalizeConfig(_Section):
     min_examples: int = Field(8, ge=1)
     max_examples: int | None = Field(None, ge=1, description="seeded subset cap (speed); None = all")
     chunk: int = Field(8, ge=1, description="positions per round in branching-batched")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of the pivots held out of DCM "
+                                                                "and every update (transfer diagnostics)")
+    heldout_seed: int = Field(0, ge=0, description="seed of the train / held-out pivot split")
 
 
 class DCMConfig(_Section):

@@ -26,12 +26,13 @@ from cca_ray.data.templates import instantiate_templates, load_templates
 from cca_ray.dcm import DCMResult, Example, learn_mask
 from cca_ray.evaluate import accuracy_report, general_deltas, general_scores, greedy_correct, mcnemar_p
 from cca_ray.io import write_json, write_jsonl
-from cca_ray.localize import LocalizationError, Pivot, localize
+from cca_ray.localize import LocalizationError, Pivot, localize, split_pivots
 from cca_ray.report import write_report
 from cca_ray.sampling import make_sampler
 from cca_ray.sampling.traces import Trace, collect_traces
 from cca_ray.stages import StageStore, stage_key
 from cca_ray.update import RowDeltas, merge_rows, save_delta, selected_rows, targeted_update
+from cca_ray.update.diagnostics import pivot_diagnostics
 from cca_ray.update.train import validation_steps
 
 log = logging.getLogger("cca_ray")
@@ -284,7 +285,8 @@ class Pipeline:
 
     def localization(self, traces: list[Trace]) -> tuple[list[Pivot], dict]:
         c = self.config.localize
-        key = stage_key("localize", self.traces_key, c.model_dump())
+        split = {"heldout_fraction", "heldout_seed"}  # the split comes after this stage: see split()
+        key = stage_key("localize", self.traces_key, c.model_dump(exclude=split))
 
         def compute(tmp: Path) -> dict:
             loc = localize(c.method, traces, self.gen_sampler() if c.method != "prefix" else None,
@@ -308,9 +310,18 @@ class Pipeline:
                 f"templates via data.template_threshold) or lower localize.min_examples")
         return [Pivot.from_row(r) for r in _read_jsonl(path / "localization.jsonl")], meta
 
+    def split(self, pivots: list[Pivot]) -> tuple[list[Pivot], list[Pivot]]:
+        """(train, held-out) pivots (localize.heldout_fraction, seeded): DCM and every update see only
+        the train ones; the held-out ones are only measured (pivot diagnostics)."""
+        c = self.config.localize
+        train, self.heldout = split_pivots(pivots, c.heldout_fraction, c.heldout_seed)
+        self.split_key = stage_key("split", self.loc_key, c.heldout_fraction, c.heldout_seed)
+        log.info("pivots: %d train, %d held out", len(train), len(self.heldout))
+        return train, self.heldout
+
     def dcm(self, pivots: list[Pivot]) -> tuple[dict[str, torch.Tensor], dict]:
         c = self.config.dcm
-        key = stage_key("dcm", self.loc_key, c.model_dump(by_alias=True), self.config.model.architecture)
+        key = stage_key("dcm", self.split_key, c.model_dump(by_alias=True), self.config.model.architecture)
 
         def compute(tmp: Path) -> dict:
             res: DCMResult = learn_mask(
@@ -353,7 +364,9 @@ class Pipeline:
 
     def update_run(self, arm: str, selected: dict[str, torch.Tensor], pivots: list[Pivot], lr: float,
                    val: list[Problem]) -> dict:
-        """One targeted update (CCA or a random seed) at one lr; stores the best step's delta."""
+        """One targeted update (CCA or a random seed) at one lr on the train ``pivots``; stores the
+        deltas of the best step (step 0 included) and of the best step >= 1, and the pivot diagnostics
+        of both on the train and the held-out pivots (this pipeline's split)."""
         u = self.config.update
         settings = u.model_dump(exclude={"lr", "lr_grid", "random_seeds"})
         key = stage_key("update", self.dcm_key, arm, lr, settings,
@@ -384,10 +397,16 @@ class Pipeline:
                       str(tmp / "best_deltas.safetensors"))
             save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(res.last_deltas)},
                       str(tmp / "last_deltas.safetensors"))
+            save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(res.best_updated_deltas)},
+                      str(tmp / "best_updated_deltas.safetensors"))
             save_file({n: r for n, r in rows.items()}, str(tmp / "rows.safetensors"))
             write_json(res.history, tmp / "history.json")
+            diagnostics = pivot_diagnostics(
+                model, rows, {"best": res.best_deltas, "best_updated": res.best_updated_deltas},
+                {"train": examples, "held_out": _examples(self.heldout)}, pad, u.micro_batch_size)
             return {"arm": arm, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,
-                    "trainable_parameters": res.trainable_parameters}
+                    "best_updated_step": res.best_updated_step, "best_updated_val": res.best_updated_val,
+                    "trainable_parameters": res.trainable_parameters, "pivots": diagnostics}
 
         path, meta = self.store.run(name, key, compute)
         self._timed("update" if arm == "cca" else "random_control", meta)
@@ -402,7 +421,7 @@ class Pipeline:
 
         c, s = self.config, self.config.compare.sft
         if method == "no_mask":
-            key = stage_key("update", self.loc_key, method, lr, c.evaluation.max_new_tokens,
+            key = stage_key("update", self.split_key, method, lr, c.evaluation.max_new_tokens,
                             c.update.model_dump(include={"steps", "micro_batch_size"}))
             marks = validation_steps(c.update.steps)
         else:
@@ -463,12 +482,13 @@ class Pipeline:
         return self.weights_run(method, lr, p)
 
     @contextlib.contextmanager
-    def _applied(self, run: dict):
+    def _applied(self, run: dict, deltas: str = "best"):
         """The base model with this run's best weights in (and pushed to a vLLM engine), restored after:
-        rows for cca/random updates, whole parameters for the baselines."""
+        rows for cca/random updates (``deltas``: "best" or "best_updated"), whole parameters for the
+        baselines."""
         path = Path(run["path"]) / "best_weights.safetensors"
         if not path.is_file():
-            with self._merged(run):
+            with self._merged(run, deltas):
                 yield
             return
         weights = load_file(str(path))
@@ -487,11 +507,11 @@ class Pipeline:
             self.push({n: params[n] for n in weights})
 
     @contextlib.contextmanager
-    def _merged(self, run: dict):
-        """The base model with this run's best rows written in (and pushed to a vLLM engine),
-        restored afterwards; yields (rows, new row values)."""
+    def _merged(self, run: dict, deltas: str = "best"):
+        """The base model with this run's best rows (``deltas``: "best" or "best_updated") written in
+        (and pushed to a vLLM engine), restored afterwards; yields (rows, new row values)."""
         rows = dict(sorted(load_file(str(Path(run["path"]) / "rows.safetensors")).items()))
-        saved = load_file(str(Path(run["path"]) / "best_deltas.safetensors"))
+        saved = load_file(str(Path(run["path"]) / f"{deltas}_deltas.safetensors"))
         deltas = [saved[f"delta.{i}"] for i in range(len(saved))]
         params = dict(self.m.model.named_parameters())
         original = {n: params[n][r].detach().clone() for n, r in rows.items()}
@@ -505,11 +525,12 @@ class Pipeline:
                     params[n][r] = original[n]
             self.push({n: params[n] for n in rows})
 
-    def test_eval(self, name: str, run: dict, test: list[Problem]) -> dict[tuple, bool]:
-        key = stage_key("test_eval", run["path"], self.config.evaluation.max_new_tokens)
+    def test_eval(self, name: str, run: dict, test: list[Problem], deltas: str = "best") -> dict[tuple, bool]:
+        """Greedy test correctness of this run's best model (``deltas``: "best" or "best_updated")."""
+        key = stage_key("test_eval", run["path"], self.config.evaluation.max_new_tokens, deltas)
 
         def compute(tmp: Path) -> dict:
-            with self._applied(run):
+            with self._applied(run, deltas):
                 write_jsonl(_correct_rows(self.greedy(test, f"test ({name})")), tmp / "test_correct.jsonl")
             return {}
 
@@ -564,12 +585,13 @@ class Pipeline:
         correct, kept = self.base_eval(splits)
         traces = self.traces(splits, kept)
         pivots, loc_meta = self.localization(traces)
-        return Prepared(splits, correct, kept, pivots, loc_meta)
+        train, heldout = self.split(pivots)
+        return Prepared(splits, correct, kept, train, loc_meta, heldout)
 
     def best_update(self, arm: str, selected: dict[str, torch.Tensor], p: Prepared) -> tuple[dict, list]:
         """The update at every lr of the grid; the best by validation (ties: the smaller lr)."""
         runs = [self.update_run(arm, selected, p.pivots, lr, p.splits.val) for lr in self.config.update.lrs]
-        return max(runs, key=lambda r: (r["best_val"], -r["lr"])), runs
+        return best_run(runs), runs
 
     def _run(self) -> dict:
         c = self.config
@@ -580,39 +602,68 @@ class Pipeline:
         prep = self.prepare()
         masks, dcm_meta = self.dcm(prep.pivots)
         selected = {k: m > 0.5 for k, m in masks.items()}
-        best_cca, cca_runs = self.best_update("cca", selected, prep)
-        random_best = [self.best_update(f"random{seed}", random_selection(selected, seed), prep)[0]
+        _, cca_runs = self.best_update("cca", selected, prep)
+        random_runs = [self.best_update(f"random{seed}", random_selection(selected, seed), prep)[1]
                        for seed in range(c.update.random_seeds)]
-        report = self.final_report(prep, dcm_meta, best_cca, cca_runs, random_best)
+        report = self.final_report(prep, dcm_meta, cca_runs, random_runs)
         report["timings"]["total_this_invocation"] = round(time.perf_counter() - start, 1)
         write_report(report, self.out)
         log.info("stages reused: %s; computed: %s", self.store.reused, self.store.computed)
         return report
 
-    def final_report(self, prep: Prepared, dcm_meta: dict, best_cca: dict, cca_runs: list,
-                     random_best: list) -> dict:
-        """Test evaluation of the chosen updates, the general suite before/after, the export and
-        report.json's content (the test split is touched only here)."""
+    def arm_result(self, name: str, runs: list[dict], test: list[Problem]) -> ArmResult:
+        """One arm's chosen run and best updated run (best val at a step >= 1) over its lr grid, each
+        evaluated on test (once, when both are the same model)."""
+        best, updated = best_run(runs), best_run(runs, updated=True)
+        best_test = self.test_eval(name, best, test)
+        same = updated["path"] == best["path"] and updated["best_updated_step"] == best["best_step"]
+        updated_test = best_test if same else self.test_eval(f"{name}-updated", updated, test, "best_updated")
+        return ArmResult(runs, best, updated, best_test, updated_test)
+
+    def final_report(self, prep: Prepared, dcm_meta: dict, cca_runs: list[dict],
+                     random_runs: list[list[dict]]) -> dict:
+        """Test evaluation of the chosen and the best updated runs (CCA's lr grid, and each random
+        seed's), the general suite before/after, the export and report.json's content (the test
+        split is touched only here)."""
         test = prep.splits.test
-        cca_test = self.test_eval("cca", best_cca, test)
-        random_tests = [self.test_eval(f"random{s}", r, test) for s, r in enumerate(random_best)]
-        general = general_deltas(self.general("base", None), self.general("cca", best_cca))
-        exported = self.export(best_cca)
+        cca = self.arm_result("cca", cca_runs, test)
+        randoms = [self.arm_result(f"random{s}", runs, test) for s, runs in enumerate(random_runs)]
+        general = general_deltas(self.general("base", None), self.general("cca", cca.best))
+        exported = self.export(cca.best)
         space = component_space(self.m.model, self.config.model.architecture)
-        return build_report(self.config, self.m, prep.splits, prep.correct, prep.kept, self.template_acc,
-                            prep.loc_meta, dcm_meta, space, best_cca, cca_runs, random_best,
-                            prep.correct["test"], cca_test, random_tests, general, self.timings, exported)
+        return build_report(self.config, self.m, prep, self.template_acc, dcm_meta, space, cca, randoms,
+                            general, self.timings, exported)
 
 
 @dataclass
 class Prepared:
-    """What the shared stages produced: splits, base correctness, kept templates, pivots."""
+    """What the shared stages produced: splits, base correctness, kept templates, the train pivots
+    (``pivots``, all that DCM and the updates see) and the held-out ones."""
 
     splits: Splits
     correct: dict
     kept: list
     pivots: list[Pivot]
     loc_meta: dict
+    heldout: list[Pivot]
+
+
+@dataclass
+class ArmResult:
+    """One arm (CCA or a random seed): its runs over the lr grid, the chosen run (best val, step 0
+    included), the best updated run (best val at a step >= 1), and their test correctness."""
+
+    runs: list[dict]
+    best: dict
+    updated: dict
+    test: dict[tuple, bool]
+    updated_test: dict[tuple, bool]
+
+
+def best_run(runs: list[dict], updated: bool = False) -> dict:
+    """The run with the best validation (ties: the smaller lr); ``updated``: by its best step >= 1."""
+    field = "best_updated_val" if updated else "best_val"
+    return max(runs, key=lambda r: (r[field], -r["lr"]))
 
 
 def random_selection(selected: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -630,21 +681,69 @@ def _ordered(test: list[Problem], correct: dict[tuple, bool]) -> list[bool]:
     return [correct[p.key] for p in test]
 
 
-def build_report(c: CCAConfig, m: Loaded, splits: Splits, correct: dict, kept: list, template_acc: dict,
-                 loc_meta: dict, dcm_meta: dict, space, best_cca: dict, cca_runs: list, random_best: list,
-                 base_test: dict, cca_test: dict, random_tests: list, general: dict, timings: dict,
+def _p(test: list[Problem], a: dict[tuple, bool], b: dict[tuple, bool]) -> float:
+    """Exact McNemar p of two models' per-problem test correctness."""
+    return mcnemar_p(_ordered(test, a), _ordered(test, b))
+
+
+def val_curves(runs: list[dict]) -> dict[str, list[list]]:
+    """lr -> [[step, val_accuracy], ...] of each run, read from its stored history."""
+    out = {}
+    for r in sorted(runs, key=lambda r: r["lr"]):
+        history = json.loads((Path(r["path"]) / "history.json").read_text())
+        out[f"{r['lr']:g}"] = [[h["step"], h["val_accuracy"]] for h in history if "val_accuracy" in h]
+    return out
+
+
+def _best_updated(arm: ArmResult, test: list[Problem], base_test: dict, n_params: int) -> dict:
+    """report.json's best_updated entry of one arm: the best validated step >= 1 on test."""
+    r, acc = arm.updated, accuracy_report(test, arm.updated_test)["accuracy"]
+    return {"step": r["best_updated_step"], "lr": r["lr"], "val_accuracy": r["best_updated_val"],
+            "test_accuracy": acc, "delta_vs_base": acc - accuracy_report(test, base_test)["accuracy"],
+            "p_value_vs_base": _p(test, arm.updated_test, base_test),
+            "params_changed": r["trainable_parameters"],
+            "params_changed_fraction": r["trainable_parameters"] / n_params}
+
+
+def _pivot_entry(arm: ArmResult) -> dict:
+    """Pivot diagnostics of an arm's chosen step and of its best updated step."""
+    b, u = arm.best, arm.updated
+    return {"lr": b["lr"], "step": b["best_step"], **b["pivots"]["best"],
+            "best_updated": {"lr": u["lr"], "step": u["best_updated_step"], **u["pivots"]["best_updated"]}}
+
+
+def pivots_report(c: CCAConfig, prep: Prepared, cca: ArmResult, randoms: list[ArmResult]) -> dict:
+    """report.json's pivots: split sizes, and the logit-difference statistics of the base, CCA and each
+    random seed on the train and the held-out pivots."""
+    return {"train": len(prep.pivots), "held_out": len(prep.heldout),
+            "heldout_fraction": c.localize.heldout_fraction, "seed": c.localize.heldout_seed,
+            "base": cca.best["pivots"]["base"], "cca": _pivot_entry(cca),
+            "random": [{"seed": s} | _pivot_entry(a) for s, a in enumerate(randoms)]}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def build_report(c: CCAConfig, m: Loaded, prep: Prepared, template_acc: dict, dcm_meta: dict, space,
+                 cca: ArmResult, randoms: list[ArmResult], general: dict, timings: dict,
                  exported: dict) -> dict:
     """report.json: the fields the issue names, fractions in [0, 1]."""
-    test = splits.test
+    splits, correct, kept, loc_meta = prep.splits, prep.correct, prep.kept, prep.loc_meta
+    test, base_test, best_cca = splits.test, prep.correct["test"], cca.best
     base_rep = accuracy_report(test, base_test)
-    cca_rep = accuracy_report(test, cca_test)
-    rand_reps = [accuracy_report(test, t) for t in random_tests]
+    cca_rep = accuracy_report(test, cca.test)
+    rand_reps = [accuracy_report(test, a.test) for a in randoms]
     base_v = [correct["val"][p.key] for p in splits.val]
     selected = dcm_meta["components_selected"]
     n_params = sum(p.numel() for p in m.model.parameters())
     changed = best_cca["trainable_parameters"] if best_cca["best_step"] > 0 else 0
-    p_rand = [mcnemar_p(_ordered(test, cca_test), _ordered(test, t)) for t in random_tests]
-    rand_mean = sum(r["accuracy"] for r in rand_reps) / len(rand_reps) if rand_reps else None
+    p_rand = [_p(test, cca.test, a.test) for a in randoms]
+    rand_updated = [_best_updated(a, test, base_test, n_params) for a in randoms]
+    cca_updated = _best_updated(cca, test, base_test, n_params)
+    p_rand_updated = [_p(test, cca.updated_test, a.updated_test) for a in randoms]
+    cca_updated |= {"p_value_vs_random": max(p_rand_updated) if p_rand_updated else None,
+                    "p_values_vs_each_random_seed": p_rand_updated}
     return {
         "model": m.path if c.model.name != BUILTIN else f"builtin ({m.path})",
         "config": c.model_dump(by_alias=True),
@@ -661,18 +760,25 @@ def build_report(c: CCAConfig, m: Loaded, splits: Splits, correct: dict, kept: l
                 "components_fraction": selected / space.total,
                 "selected_per_kind": dcm_meta["selected_per_kind"],
                 "params_changed": changed, "params_changed_fraction": changed / n_params,
-                "p_value_vs_base": mcnemar_p(_ordered(test, cca_test), _ordered(test, base_test)),
+                "p_value_vs_base": _p(test, cca.test, base_test),
                 "p_value_vs_random": max(p_rand) if p_rand else None,
                 "p_values_vs_each_random_seed": p_rand,
                 "delta_vs_base": cca_rep["accuracy"] - base_rep["accuracy"],
-                "lr_search": [{"lr": r["lr"], "best_val": r["best_val"], "best_step": r["best_step"]}
-                              for r in cca_runs],
+                "lr_search": [{"lr": r["lr"], "best_val": r["best_val"], "best_step": r["best_step"],
+                               "best_updated_val": r["best_updated_val"],
+                               "best_updated_step": r["best_updated_step"]} for r in cca.runs],
+                "best_updated": cca_updated, "val_curves": val_curves(cca.runs),
                 "per_template_test": cca_rep["per_template"]},
-        "random_control": {"test_accuracy": rand_mean,
+        "random_control": {"test_accuracy": _mean([r["accuracy"] for r in rand_reps]),
+                           "best_updated": {key: _mean([u[key] for u in rand_updated])
+                                            for key in ("val_accuracy", "test_accuracy")},
                            "seeds": [{"seed": s, "test_accuracy": rep["accuracy"],
-                                      "val_accuracy": r["best_val"],
-                                      "lr": r["lr"], "best_step": r["best_step"]}
-                                     for s, (rep, r) in enumerate(zip(rand_reps, random_best, strict=True))]},
+                                      "val_accuracy": a.best["best_val"],
+                                      "lr": a.best["lr"], "best_step": a.best["best_step"],
+                                      "best_updated": u, "val_curves": val_curves(a.runs)}
+                                     for s, (rep, a, u) in enumerate(zip(rand_reps, randoms, rand_updated,
+                                                                         strict=True))]},
+        "pivots": pivots_report(c, prep, cca, randoms),
         "localization": {"method": loc_meta["method"], "examples": loc_meta["examples"],
                          "dropped": loc_meta["dropped"],
                          "generated_tokens": loc_meta.get("generated_tokens")},

@@ -234,8 +234,8 @@ def tune_model(key: str, config: dict, out: str, resume: bool = False, progress:
     try:
         pipe = Pipeline(c, root, progress, sampler=SamplerClient(sampler))
         prep = pipe.prepare()
-        log.info("%s: shared stages ready (%d localisation examples); stages computed %s, reused %s",
-                 key, len(prep.pivots), pipe.store.computed, pipe.store.reused)
+        log.info("%s: shared stages ready (%d train pivots, %d held out); stages computed %s, reused %s",
+                 key, len(prep.pivots), len(prep.heldout), pipe.store.computed, pipe.store.reused)
         results = make_tuner(key, c, root, sampler, resume).fit()
         trials = _trial_rows(results)
         best = results.get_best_result(metric="objective", mode="max", scope="all")
@@ -252,7 +252,7 @@ def tune_model(key: str, config: dict, out: str, resume: bool = False, progress:
         remove_placement_group(pg)
     result = {"model": display_name(key, c), "model_key": key, "model_path": path, "status": "finished",
               "base": report["base"], "cca": report["cca"], "general": report["general"],
-              "random_control": report["random_control"],
+              "random_control": report["random_control"], "pivots": report["pivots"],
               "wall_seconds": round(time.time() - start, 1), "trials": trials,
               "shared_stages": {"computed": pipe.store.computed, "reused": pipe.store.reused}}
     write_json(result, root / "result.json")
@@ -353,8 +353,8 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
     try:
         pipe = Pipeline(c, root, progress, sampler=SamplerClient(sampler))
         prep = pipe.prepare()
-        log.info("compare: shared stages ready (%d localisation examples); methods %s", len(prep.pivots),
-                 c.compare.methods)
+        log.info("compare: shared stages ready (%d train pivots, %d held out); methods %s", len(prep.pivots),
+                 len(prep.heldout), c.compare.methods)
         evaluator = CompareEvalActor.options(**actor_options(r.eval, pg, 1)).remote(
             c.model_dump(by_alias=True), str(root), sampler)
         base = ray.get(evaluator.base.remote())

@@ -105,6 +105,20 @@ def test_trainer_actor_zero2_update_matches_plain_update(local_ray, small_model,
     assert zero_rows.keys() == plain_rows.keys() and all(torch.equal(zero_rows[k], plain_rows[k])
                                                          for k in zero_rows)
     assert zero_run["best_step"] == run["best_step"]
+    # the new result fields alike: the best step >= 1 and the pivot diagnostics (train and held out)
+    assert (zero_run["best_updated_step"], zero_run["best_updated_val"]) == (run["best_updated_step"],
+                                                                              run["best_updated_val"])
+    assert zero_run["best_updated_step"] >= 1
+    assert zero_run["pivots"].keys() == run["pivots"].keys() == {"base", "best", "best_updated"}
+    for state, sets in run["pivots"].items():
+        for name, stats in sets.items():
+            got = zero_run["pivots"][state][name]
+            assert stats["n"] == got["n"] > 0 and stats["base_wrong"] == got["base_wrong"]
+            assert got["mean_logit_diff"] == pytest.approx(stats["mean_logit_diff"], abs=1e-4)
+            assert (got["desired_wins"], got["flip_rate"]) == (stats["desired_wins"], stats["flip_rate"])
+    zu = load_file(str(Path(zero_run["path"]) / "best_updated_deltas.safetensors"))
+    pu = load_file(str(Path(run["path"]) / "best_updated_deltas.safetensors"))
+    assert zu.keys() == pu.keys() and max((zu[k] - pu[k]).abs().max().item() for k in zu) <= 1e-6
     # the rows after the last step (4 SGD steps under ZeRO-2 in the actor vs in-process hooks)
     zd = load_file(str(Path(zero_run["path"]) / "last_deltas.safetensors"))
     pd = load_file(str(Path(run["path"]) / "last_deltas.safetensors"))

@@ -76,6 +76,7 @@ def test_defaults_are_the_method_doc_numbers():
         5e-3, 50, 8, 5, 0.9)
     assert c.data.split_ratios == (0.52, 0.08, 0.40) and c.data.template_threshold == 0.8
     assert c.data.n_shots == 8 and c.update.optimizer == "sgd" and c.sampling.n_samples == 10
+    assert (c.localize.heldout_fraction, c.localize.heldout_seed) == (0.2, 0)  # held-out pivots: on
 
 
 @pytest.mark.parametrize(
@@ -88,6 +89,8 @@ def test_defaults_are_the_method_doc_numbers():
         ("data:\n  n_shots: 9\n", ["data.n_shots", "less than or equal to 8"]),
         ("data:\n  split_ratios: [0.5, 0.5, 0.5]\n", ["data", "summing to 1"]),
         ("localize:\n  method: guess\n", ["localize.method", "'branching-bisect'"]),
+        ("localize:\n  heldout_fraction: 1.0\n", ["localize.heldout_fraction", "less than 1", "(got 1.0)"]),
+        ("localize:\n  heldout_seed: -1\n", ["localize.heldout_seed", "greater than or equal to 0"]),
         ("modle: {}\n", ["modle: unknown key", "model"]),
         ("- a list\n", ["top level must be a mapping"]),
         ("dcm: [1\n", ["not valid YAML"]),

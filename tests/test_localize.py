@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from cca_ray.localize import localize, prefix_method
+from cca_ray.localize import Pivot, localize, prefix_method, split_pivots
 from cca_ray.sampling.base import Completion
 from cca_ray.sampling.traces import Trace
 from cca_ray.tiny.tokenizer import train_tokenizer
@@ -162,3 +162,23 @@ def test_branching_on_a_real_model_naive_equals_batched(small_model):
     assert key(naive) == key(batched) and naive.pivots
     assert batched.generated_tokens >= naive.generated_tokens  # batched completes past the flip
     assert bisect.completions <= naive.completions + 2 * len(traces)
+
+
+def _pivots(n: int) -> list[Pivot]:
+    return [Pivot(i % 3, i, "prefix", {"text": "", "token_ids": [1, i]}, 2, 3, 0, False) for i in range(n)]
+
+
+@pytest.mark.parametrize(("n", "fraction", "held"), [(20, 0.2, 4), (7, 0.2, 1), (3, 0.9, 2), (1, 0.5, 0),
+                                                     (20, 0.0, 0)])
+def test_split_pivots_is_disjoint_seeded_and_keeps_order(n, fraction, held):
+    pivots = _pivots(n)
+    train, heldout = split_pivots(pivots, fraction, seed=0)
+    assert len(heldout) == held and len(train) == n - held
+    assert {p.instance_id for p in train}.isdisjoint({p.instance_id for p in heldout})
+    assert sorted(p.instance_id for p in train + heldout) == list(range(n))
+    assert [p.instance_id for p in train] == sorted(p.instance_id for p in train)  # input order kept
+    again = split_pivots(pivots, fraction, seed=0)
+    assert again == (train, heldout)
+    if 0 < held < n - 1:  # another seed draws another held-out set
+        seeds = {tuple(p.instance_id for p in split_pivots(pivots, fraction, seed=s)[1]) for s in range(5)}
+        assert len(seeds) > 1

@@ -89,6 +89,113 @@ def test_best_step_zero_means_nothing_changed(finished_run):
         assert 0 < r["cca"]["params_changed_fraction"] < 1
 
 
+STATS = {"n", "mean_logit_diff", "desired_wins", "base_wrong", "flip_rate"}
+UPDATED = {"step", "lr", "val_accuracy", "test_accuracy", "delta_vs_base", "p_value_vs_base",
+           "params_changed", "params_changed_fraction"}
+
+
+def _check_best_updated(arm: dict, updated: dict, base_test: float) -> None:
+    """best_updated is the best validated step >= 1 over the lr curves; beside the chosen step."""
+    assert UPDATED <= set(updated) and updated["step"] >= 1
+    assert set(arm["val_curves"]) == {"0.01", "0.05"}
+    for curve in arm["val_curves"].values():
+        assert [step for step, _ in curve] == [0, 2, 4, 6]
+    later = [v for curve in arm["val_curves"].values() for step, v in curve if step >= 1]
+    assert updated["val_accuracy"] == max(later)
+    assert [updated["step"], updated["val_accuracy"]] in arm["val_curves"][f"{updated['lr']:g}"]
+    assert arm["val_accuracy"] == max(v for curve in arm["val_curves"].values() for _, v in curve)
+    assert 0 <= updated["test_accuracy"] <= 1 and 0 <= updated["p_value_vs_base"] <= 1
+    assert updated["delta_vs_base"] == pytest.approx(updated["test_accuracy"] - base_test)
+    if (updated["step"], updated["lr"]) == (arm["best_step"], arm["lr"]):
+        assert updated["test_accuracy"] == arm["test_accuracy"]
+
+
+def test_report_has_best_updated_steps_and_val_curves(finished_run):
+    r = json.loads((finished_run / "report.json").read_text())
+    cca, rnd, base_test = r["cca"], r["random_control"], r["base"]["test_accuracy"]
+    _check_best_updated(cca, cca["best_updated"], base_test)
+    p_seeds = cca["best_updated"]["p_values_vs_each_random_seed"]
+    assert len(p_seeds) == 2 and cca["best_updated"]["p_value_vs_random"] == max(p_seeds)
+    for row in cca["lr_search"]:
+        assert row["best_updated_step"] >= 1 and row["best_updated_val"] <= row["best_val"]
+        if row["best_step"] >= 1:
+            assert (row["best_updated_step"], row["best_updated_val"]) == (row["best_step"], row["best_val"])
+    for seed in rnd["seeds"]:
+        _check_best_updated(seed, seed["best_updated"], base_test)
+    mean = sum(s["best_updated"]["test_accuracy"] for s in rnd["seeds"]) / 2
+    assert rnd["best_updated"]["test_accuracy"] == pytest.approx(mean)
+    md = (finished_run / "report.md").read_text()
+    assert "| CCA best updated step (lr" in md and "random components best updated step" in md
+    assert "## Validation curves" in md
+
+
+def test_report_has_pivot_diagnostics(finished_run):
+    r = json.loads((finished_run / "report.json").read_text())
+    p = r["pivots"]
+    total = r["localization"]["examples"]
+    assert (p["heldout_fraction"], p["seed"]) == (0.2, 0)
+    assert p["held_out"] == round(0.2 * total) and p["train"] + p["held_out"] == total
+    for name in ("train", "held_out"):
+        assert set(p["base"][name]) == STATS and p["base"][name]["n"] == p[name]
+        assert p["base"][name]["flip_rate"] in (0.0, None)  # the base flips nothing against itself
+    arms = [(p["cca"], r["cca"])] + list(zip(p["random"], r["random_control"]["seeds"], strict=True))
+    for entry, arm in arms:
+        assert (entry["step"], entry["lr"]) == (arm["best_step"], arm["lr"])
+        assert (entry["best_updated"]["step"], entry["best_updated"]["lr"]) == (arm["best_updated"]["step"],
+                                                                                arm["best_updated"]["lr"])
+        for name in ("train", "held_out"):
+            assert set(entry[name]) == STATS and set(entry["best_updated"][name]) == STATS
+            assert entry["best_updated"][name]["base_wrong"] == p["base"][name]["base_wrong"]
+            if entry["step"] == 0:  # the chosen model is the base model: its numbers exactly
+                assert entry[name] == p["base"][name]
+    assert [s["seed"] for s in p["random"]] == [0, 1]
+    md = (finished_run / "report.md").read_text()
+    assert f"## Pivots: {p['train']} train, {p['held_out']} held out" in md and "| CCA best updated (lr" in md
+
+
+def test_heldout_pivots_are_never_trained_on(finished_run):
+    """DCM's mask is exactly the one learnt from the train pivots alone, and every update's first
+    full-batch loss is minus the base model's mean logit difference over the train pivots alone."""
+    from cca_ray.config import load_config
+    from cca_ray.dcm import learn_mask
+    from cca_ray.localize import Pivot
+    from cca_ray.pipeline import Pipeline, _examples
+
+    r = json.loads((finished_run / "report.json").read_text())
+    pipe = Pipeline(load_config(finished_run.parent / "config.yaml"), finished_run, progress=False)
+    prep = pipe.prepare()
+    assert pipe.store.computed == []
+    stored = [Pivot.from_row(json.loads(line)) for line in
+              (pipe.store.path("localize", pipe.loc_key) / "localization.jsonl").read_text().splitlines()]
+    train = {(q.template_id, q.instance_id) for q in prep.pivots}
+    held = {(q.template_id, q.instance_id) for q in prep.heldout}
+    assert len(train) == len(prep.pivots) and len(held) == len(prep.heldout) == r["pivots"]["held_out"] > 0
+    assert train.isdisjoint(held) and train | held == {(q.template_id, q.instance_id) for q in stored}
+
+    c, pad = pipe.config.dcm, pipe.m.tokenizer.pad_token_id
+    masks, _ = pipe.dcm(prep.pivots)
+
+    def learnt(pivots):
+        return learn_mask(pipe.m.model, _examples(pivots), pad, lam=c.lambda_, lr=c.lr, epochs=c.epochs,
+                          batch_size=c.batch_size, lr_step_epochs=c.lr_step_epochs, lr_gamma=c.lr_gamma,
+                          early_stop_fraction=c.early_stop_fraction, seed=c.seed, progress=False).masks
+
+    assert all(torch.equal(masks[k], m) for k, m in learnt(prep.pivots).items())
+    assert not all(torch.equal(masks[k], m) for k, m in learnt(stored).items())  # the check can tell
+
+    base = r["pivots"]["base"]
+    train_loss = -base["train"]["mean_logit_diff"]
+    held_loss = -base["held_out"]["mean_logit_diff"]
+    all_loss = (train_loss * len(train) + held_loss * len(held)) / (len(train) + len(held))
+    assert abs(train_loss - all_loss) > 1e-3
+    runs = [d for d in (finished_run / "stages").glob("update-*") if "random" in d.name or "cca" in d.name]
+    assert len(runs) == 6  # cca and two random seeds, two lrs each
+    no_mask = pipe.weights_run("no_mask", 0.01, prep)
+    for folder in [*runs, Path(no_mask["path"])]:
+        history = json.loads((folder / "history.json").read_text())
+        assert history[1]["loss"] == pytest.approx(train_loss, abs=1e-4), folder.name
+
+
 def test_exported_model_is_rebuilt_bit_for_bit_from_the_delta(finished_run, small_model, tmp_path):
     from safetensors.torch import load_file
 

@@ -103,6 +103,8 @@ def test_sweep_reports_every_model(sweep_run):
         assert len(list((out / "models" / key / "trials").glob("*.attempts"))) == 4
         # the best trial's lambda/lr are what the test evaluation used
         assert result["cca"]["lambda"] == m["best_lambda"] and result["cca"]["lr"] == m["best_lr"]
+        # the evaluator's report carries the pivot diagnostics and the best updated step into result.json
+        assert result["pivots"]["held_out"] >= 1 and result["cca"]["best_updated"]["step"] >= 1
     md = (out / "sweep_report.md").read_text()
     assert "small-a" in md and "small-b" in md
     for plot in report["plots"]:

@@ -218,6 +218,8 @@ def test_best_step_is_chosen_by_validation() -> None:
     for best, at6, last in zip(result.best_deltas, deltas6.snapshot(), final, strict=True):
         assert torch.equal(best, at6)
         assert not torch.equal(best, last)
+    assert (result.best_updated_step, result.best_updated_val) == (6, 0.5)  # the same step here
+    assert all(torch.equal(a, b) for a, b in zip(result.best_updated_deltas, result.best_deltas, strict=True))
 
 
 def test_no_improvement_keeps_the_base_model() -> None:
@@ -228,6 +230,78 @@ def test_no_improvement_keeps_the_base_model() -> None:
     assert result.best_step == 0 and result.best_val == 0.5
     assert all(torch.equal(d, torch.zeros_like(d)) for d in result.best_deltas)
     assert any(d.abs().sum() > 0 for d in deltas.deltas)  # training did move the live deltas
+
+
+def test_best_updated_step_is_kept_beside_a_winning_step_zero() -> None:
+    examples = _examples()
+    vals = [0.5, 0.2, 0.4, 0.3, 0.4, 0.1]  # steps 0, 2, 4, 6, 8, 10: step 0 wins; of steps >= 1, step 4
+    model = _model()
+    _, deltas = _rows_and_deltas(model)
+    result = targeted_update(model, deltas, examples, PAD, validate=_scripted(vals), lr=0.05, steps=10,
+                             progress=False)
+    assert (result.best_step, result.best_val) == (0, 0.5)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in result.best_deltas)
+    assert (result.best_updated_step, result.best_updated_val) == (4, 0.4)
+    model4 = _model()  # a rerun that stops at step 4 ends with exactly the best updated deltas
+    _, deltas4 = _rows_and_deltas(model4)
+    targeted_update(model4, deltas4, examples, PAD, validate=lambda w: 0.0, lr=0.05, steps=4, progress=False)
+    for got, want in zip(result.best_updated_deltas, deltas4.snapshot(), strict=True):
+        assert torch.equal(got, want) and got.abs().sum() > 0
+
+
+def test_best_updated_step_with_one_step_is_step_one() -> None:
+    model = _model()
+    _, deltas = _rows_and_deltas(model)
+    result = targeted_update(model, deltas, _examples(), PAD, validate=_scripted([0.9, 0.1]), lr=0.05,
+                             steps=1, progress=False)
+    assert (result.best_step, result.best_updated_step, result.best_updated_val) == (0, 1, 0.1)
+
+
+def _direct_diffs(model, examples: list[Example]) -> list[float]:
+    """logit[desired] - logit[undesired] at the last position, one unpadded forward per example."""
+    out = []
+    with torch.no_grad():
+        for e in examples:
+            logits = model(torch.tensor([e.ids])).logits[0, -1]
+            out.append((logits[e.desired] - logits[e.undesired]).item())
+    return out
+
+
+def _direct_stats(diffs: list[float], base: list[float]) -> dict:
+    wrong = [i for i, b in enumerate(base) if b <= 0]
+    return {"n": len(diffs), "mean_logit_diff": sum(diffs) / len(diffs),
+            "desired_wins": sum(d > 0 for d in diffs) / len(diffs), "base_wrong": len(wrong),
+            "flip_rate": sum(diffs[i] > 0 for i in wrong) / len(wrong) if wrong else None}
+
+
+def test_pivot_diagnostics_equal_a_direct_computation() -> None:
+    from cca_ray.update.diagnostics import pivot_diagnostics
+
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows, deltas = _rows_and_deltas(model)
+    _randomise(deltas, scale=0.5)
+    sets = {"train": _examples(10, seed=1), "held_out": _examples(7, seed=2)}
+    states = {"moved": deltas.snapshot(), "zero": [0 * d for d in deltas.snapshot()]}
+    got = pivot_diagnostics(model, rows, states, sets, PAD, batch_size=3)
+    merged = copy.deepcopy(model)
+    merge_rows(merged, rows, deltas.snapshot())
+    flips = []
+    for name, examples in sets.items():
+        base, moved = _direct_diffs(model, examples), _direct_diffs(merged, examples)
+        assert got["base"][name] == pytest.approx(_direct_stats(base, base), abs=1e-5)
+        assert got["zero"][name] == got["base"][name]
+        assert got["moved"][name] == pytest.approx(_direct_stats(moved, base), abs=1e-4)
+        assert got["base"][name]["flip_rate"] in (0.0, None)
+        flips.append(got["moved"][name]["flip_rate"])
+    assert any(f is not None and 0 < f for f in flips)  # the deltas do flip pivots: the test can tell
+    assert got["moved"]["train"] != got["base"]["train"]
+    assert _hooks_left(model) == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _hooks_left(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
 
 
 def test_exploding_lr_raises() -> None:

@@ -88,6 +88,11 @@ def small(small_model):
                            logits=logits, base={n: p.detach().clone() for n, p in model.named_parameters()})
 
 
+def _scripted(values: list[float]):
+    it = iter(values)
+    return lambda weights: next(it)
+
+
 def _plain(small, optimizer: str, lr: float):
     model = copy.deepcopy(small.model)
     seen: list[dict[str, torch.Tensor]] = []
@@ -140,6 +145,9 @@ def _check_against_plain(small, plain, result, seen: list[dict[str, torch.Tensor
     assert max(d.abs().max().item() for d in want.best_deltas) > 1e-3  # the rows really moved
     diff = _max_diff(result.best_deltas, want.best_deltas)
     assert diff <= tol
+    assert (result.best_updated_step, result.best_updated_val) == (want.best_updated_step,
+                                                                   want.best_updated_val) == (4, 0.5)
+    assert _max_diff(result.best_updated_deltas, want.best_updated_deltas) <= tol
     # validate() got every trained parameter in full, at every validation step, as the plain one did
     assert len(seen) == len(want_seen) == len(VALS)
     for step, (got, exp) in enumerate(zip(seen, want_seen, strict=True)):
@@ -198,6 +206,23 @@ def test_adam_matches_the_plain_update(small, plain_adam, zero_stage: int) -> No
     bulk = every.quantile(0.999).item()
     print(f"ZeRO-{zero_stage} Adam: max abs difference to the plain update {diff:.3g}, 99.9% {bulk:.3g}")
     assert bulk <= TOL_ADAM_BULK
+    _assert_plain_base(small)
+
+
+@pytest.mark.slow
+def test_best_updated_step_matches_the_plain_update_when_step_zero_wins(small) -> None:
+    vals = [0.9, 0.3, 0.5, 0.4]  # steps 0, 2, 4, 6: step 0 wins; of steps >= 1, step 4
+    model = copy.deepcopy(small.model)
+    want = targeted_update(model, RowDeltas(model, small.rows), small.examples, small.pad, _scripted(vals),
+                           lr=1.0, steps=STEPS, micro_batch_size=MICRO, progress=False)
+    got = zero_targeted_update(small.model, small.rows, small.examples, small.pad, _scripted(vals), lr=1.0,
+                               steps=STEPS, micro_batch_size=MICRO, zero_stage=2, progress=False)
+    assert (got.best_step, got.best_val) == (want.best_step, want.best_val) == (0, 0.9)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in got.best_deltas)
+    assert (got.best_updated_step, got.best_updated_val) == (want.best_updated_step,
+                                                             want.best_updated_val) == (4, 0.5)
+    assert max(d.abs().max().item() for d in want.best_updated_deltas) > 1e-3
+    assert _max_diff(got.best_updated_deltas, want.best_updated_deltas) <= TOL_SGD
     _assert_plain_base(small)
 
 

@@ -6,7 +6,9 @@ from cca_ray.localize.pivots import (
     Localization,
     LocalizationError,
     Pivot,
+    pivot_kinds,
     prefix_method,
+    split_pivots,
 )
 
 
@@ -23,4 +25,4 @@ def localize(method: str, traces, sampler=None, tokenizer=None, max_new_tokens: 
 
 
 __all__ = ["METHODS", "Localization", "LocalizationError", "Pivot", "branching", "localize",
-           "prefix_method"]
+           "pivot_kinds", "prefix_method", "split_pivots"]

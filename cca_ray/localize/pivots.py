@@ -3,6 +3,7 @@ token where the greedy and the contrasting trace part)."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -87,3 +88,31 @@ def prefix_method(traces: list[Trace], tokenizer) -> Localization:
         loc.pivots.append(make_pivot(t, "prefix", i, g[:i], c[i], g[i], bool(t.contrast_correct),
                                      tokenizer))
     return loc
+
+
+def split_pivots(pivots: list[Pivot], fraction: float, seed: int) -> tuple[list[Pivot], list[Pivot]]:
+    """(train, held-out): a seeded share ``fraction`` of the pivots held out of DCM and the updates
+    (at least one, and at least one left to train, when fraction > 0); both keep the input order."""
+    n = len(pivots)
+    k = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n >= 2 else 0
+    held = set(random.Random(seed).sample(range(n), k))
+    return [p for i, p in enumerate(pivots) if i not in held], [p for i, p in enumerate(pivots) if i in held]
+
+
+OPERATION_TOKENS = frozenset("+-*/×÷")
+
+
+def pivot_kinds(pivots: list[Pivot], tokenizer) -> dict[str, int]:
+    """How many pivots are decision tokens (both sides an operation sign), digit against digit
+    (arithmetic), or anything else: it tells a world whose errors are choices from one whose
+    errors are sums."""
+    counts = Counter({"operation": 0, "arithmetic": 0, "other": 0})
+    for p in pivots:
+        sides = [tokenizer.decode([t]).replace("▁", "").strip() for t in (p.desired_token, p.undesired_token)]
+        if all(s and s in OPERATION_TOKENS for s in sides):
+            counts["operation"] += 1
+        elif all(s.isdigit() for s in sides):
+            counts["arithmetic"] += 1
+        else:
+            counts["other"] += 1
+    return dict(counts)

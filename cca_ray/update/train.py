@@ -1,6 +1,7 @@
 """Targeted update: full-batch logit-difference gradient on the selected rows only (plain gradient
 descent as in the paper, Adam as an option), validated on GSym-Val at steps 2, 4, 6, 8, 10 and
-then every 5; the best step (step 0, the base model, included) is kept."""
+then every 5; the best step (step 0, the base model, included) is kept, and beside it the best step
+>= 1 (so a null update still shows what training did)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,24 @@ class UpdateResult:
     trainable_parameters: int = 0
     seconds: float = 0.0
     last_deltas: list[torch.Tensor] = field(default_factory=list)  # after the last step (drift checks)
+    best_updated_step: int | None = None  # the best validated step >= 1 (ties: the earlier)
+    best_updated_val: float | None = None
+    best_updated_deltas: list[torch.Tensor] = field(default_factory=list)
+
+    def observe(self, step: int, val: float, snapshot: Callable[[], list[torch.Tensor]]) -> None:
+        """Keep this validated step as the best (step 0 included) and/or the best step >= 1 if it
+        beats them; ``snapshot`` gives the current deltas, taken at most once."""
+        taken: list[list[torch.Tensor]] = []
+
+        def deltas() -> list[torch.Tensor]:
+            if not taken:
+                taken.append(snapshot())
+            return taken[0]
+
+        if val > self.best_val:
+            self.best_step, self.best_val, self.best_deltas = step, val, deltas()
+        if step >= 1 and (self.best_updated_val is None or val > self.best_updated_val):
+            self.best_updated_step, self.best_updated_val, self.best_updated_deltas = step, val, deltas()
 
 
 def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: int,
@@ -92,9 +111,7 @@ def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: i
             record = {"step": step, "loss": total}
             if step in checks:
                 record["val_accuracy"] = validate(deltas.merged_weights())
-                if record["val_accuracy"] > best.best_val:
-                    best.best_step, best.best_val = step, record["val_accuracy"]
-                    best.best_deltas = deltas.snapshot()
+                best.observe(step, record["val_accuracy"], deltas.snapshot)
                 bar.set_postfix(loss=f"{total:.3f}", val=f"{record['val_accuracy']:.3f}")
                 log.info("%s step %d: loss %.4f, val accuracy %.4f", desc, step, total,
                          record["val_accuracy"])

@@ -230,8 +230,7 @@ def _train(engine, trained: _Rows, micro: list[list[Example]], n_examples: int, 
         if step in checks:
             current = trained.deltas()
             record["val_accuracy"] = validate(trained.weights(current))
-            if record["val_accuracy"] > best.best_val:
-                best.best_step, best.best_val, best.best_deltas = step, record["val_accuracy"], current
+            best.observe(step, record["val_accuracy"], lambda current=current: current)
             bar.set_postfix(loss=f"{total:.3f}", val=f"{record['val_accuracy']:.3f}")
             log.info("%s step %d: loss %.4f, val accuracy %.4f", desc, step, total, record["val_accuracy"])
         best.history.append(record)
