@@ -94,6 +94,8 @@ class UpdateConfig(_Section):
                                  description="lrs tried for CCA and for each random seed alike (best by "
                                              "val); empty = just lr")
     random_seeds: int = Field(3, ge=0, le=100, description="random-component control runs")
+    max_examples: int | None = Field(None, ge=1, description="seeded subset of the train pivots each "
+                                     "update step uses (DCM uses them all); None = all")
     zero_stage: int | None = Field(None, ge=0, le=3,
                                    description="train the rows under DeepSpeed ZeRO at this stage (the "
                                                "TrainerActor's path); None = plain in-process update")

@@ -26,7 +26,7 @@ from cca_ray.data.templates import instantiate_templates, load_templates
 from cca_ray.dcm import DCMResult, Example, learn_mask
 from cca_ray.evaluate import accuracy_report, general_deltas, general_scores, greedy_correct, mcnemar_p
 from cca_ray.io import write_json, write_jsonl
-from cca_ray.localize import LocalizationError, Pivot, localize, split_pivots
+from cca_ray.localize import LocalizationError, Pivot, localize, pivot_kinds, split_pivots
 from cca_ray.report import write_report
 from cca_ray.sampling import make_sampler
 from cca_ray.sampling.traces import Trace, collect_traces
@@ -296,8 +296,10 @@ class Pipeline:
                 pivots = random.Random(0).sample(pivots, c.max_examples)
                 loc.dropped["over localize.max_examples"] += len(loc.pivots) - len(pivots)
             write_jsonl([p.to_row() for p in pivots], tmp / "localization.jsonl")
-            summary = loc.summary() | {"examples": len(pivots)}
-            log.info("localisation (%s): %d examples, dropped %s", c.method, len(pivots), dict(loc.dropped))
+            summary = loc.summary() | {"examples": len(pivots),
+                                       "pivot_kinds": pivot_kinds(pivots, self.m.tokenizer)}
+            log.info("localisation (%s): %d examples %s, dropped %s", c.method, len(pivots),
+                     summary["pivot_kinds"], dict(loc.dropped))
             return summary
 
         path, meta = self.store.run("localize", key, compute)
@@ -379,7 +381,7 @@ class Pipeline:
             rows = selected_rows(model, space, selected, u.kinds)
             val_acc = self._validator(arm, lr, val, validation_steps(u.steps))
 
-            examples, pad = _examples(pivots), self.m.tokenizer.pad_token_id
+            examples, pad = _examples(update_subset(pivots, u.max_examples)), self.m.tokenizer.pad_token_id
             common = dict(lr=lr, steps=u.steps, optimizer=u.optimizer, micro_batch_size=u.micro_batch_size,
                           progress=self.progress, desc=name)
             try:
@@ -422,7 +424,7 @@ class Pipeline:
         c, s = self.config, self.config.compare.sft
         if method == "no_mask":
             key = stage_key("update", self.split_key, method, lr, c.evaluation.max_new_tokens,
-                            c.update.model_dump(include={"steps", "micro_batch_size"}))
+                            c.update.model_dump(include={"steps", "micro_batch_size", "max_examples"}))
             marks = validation_steps(c.update.steps)
         else:
             settings = s.model_dump(exclude={"lora_r", "lora_alpha", "lora_dropout"} if method == "full_ft"
@@ -440,7 +442,8 @@ class Pipeline:
 
             try:
                 if method == "no_mask":
-                    res = all_parameter_update(model, _examples(p.pivots), pad, val_acc, lr=lr,
+                    examples = _examples(update_subset(p.pivots, c.update.max_examples))
+                    res = all_parameter_update(model, examples, pad, val_acc, lr=lr,
                                                steps=c.update.steps, progress=self.progress, desc=name,
                                                micro_batch_size=c.update.micro_batch_size)
                 else:
@@ -666,6 +669,16 @@ def best_run(runs: list[dict], updated: bool = False) -> dict:
     return max(runs, key=lambda r: (r[field], -r["lr"]))
 
 
+def update_subset(pivots: list[Pivot], max_examples: int | None) -> list[Pivot]:
+    """The train pivots an update steps on: all, or a seeded subset of ``max_examples`` (in their
+    order). DCM learns its mask on every train pivot; each update step is a full-batch pass, so a
+    subset keeps it affordable."""
+    if not max_examples or len(pivots) <= max_examples:
+        return pivots
+    keep = set(random.Random(0).sample(range(len(pivots)), max_examples))
+    return [p for i, p in enumerate(pivots) if i in keep]
+
+
 def random_selection(selected: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """The same number of components of each kind as `selected`, drawn uniformly over all layers."""
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -781,7 +794,8 @@ def build_report(c: CCAConfig, m: Loaded, prep: Prepared, template_acc: dict, dc
         "pivots": pivots_report(c, prep, cca, randoms),
         "localization": {"method": loc_meta["method"], "examples": loc_meta["examples"],
                          "dropped": loc_meta["dropped"],
-                         "generated_tokens": loc_meta.get("generated_tokens")},
+                         "generated_tokens": loc_meta.get("generated_tokens"),
+                         "pivot_kinds": loc_meta.get("pivot_kinds")},
         "general": general,
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "exports": exported,

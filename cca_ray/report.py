@@ -100,6 +100,8 @@ def render_markdown(r: dict) -> str:
     loc = r["localization"]
     lines += ["", f"## Localisation: {loc['method']}, {loc['examples']} examples, "
               f"dropped {loc['dropped']}", "",
+              f"Pivots by kind (operation sign against operation sign, digit against digit, other): "
+              f"{loc.get('pivot_kinds')}", "",
               "## Timings (seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["timings"].items()]
     return "\n".join(lines) + "\n"

@@ -182,3 +182,20 @@ def test_split_pivots_is_disjoint_seeded_and_keeps_order(n, fraction, held):
     if 0 < held < n - 1:  # another seed draws another held-out set
         seeds = {tuple(p.instance_id for p in split_pivots(pivots, fraction, seed=s)[1]) for s in range(5)}
         assert len(seeds) > 1
+
+
+def test_pivot_kinds_tells_operation_signs_from_digits_and_the_rest(small_model):
+    from transformers import AutoTokenizer
+
+    from cca_ray.localize import pivot_kinds
+
+    tok = AutoTokenizer.from_pretrained(small_model)
+
+    def pivot(a: str, b: str) -> Pivot:
+        ids = [tok.convert_tokens_to_ids(t) for t in (a, b)]
+        assert tok.unk_token_id not in ids, (a, b)
+        return Pivot("w01", 0, "prefix", {"text": "", "token_ids": [1]}, ids[0], ids[1], 0, False)
+
+    kinds = pivot_kinds([pivot("+", "-"), pivot("-", "+"), pivot("*", "+"), pivot("3", "4"),
+                         pivot("+", "3")], tok)
+    assert kinds == {"operation": 3, "arithmetic": 1, "other": 1}

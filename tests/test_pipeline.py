@@ -71,6 +71,9 @@ def test_report_has_every_field_as_fractions(finished_run):
     mean = sum(s["test_accuracy"] for s in r["random_control"]["seeds"]) / 2
     assert r["random_control"]["test_accuracy"] == pytest.approx(mean)
     assert r["localization"]["method"] == "prefix" and r["localization"]["examples"] >= 4
+    kinds = r["localization"]["pivot_kinds"]
+    assert set(kinds) == {"operation", "arithmetic", "other"}
+    assert sum(kinds.values()) == r["localization"]["examples"]
     assert set(r["general"]) == {"tinyworld_trivia", "tinyworld_truthful"}
     for g in r["general"].values():
         assert g["delta"] == pytest.approx(g["after"] - g["before"])

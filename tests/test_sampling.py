@@ -86,22 +86,22 @@ def assert_cut_consistent(tok, completion: Completion, prefix: str = "") -> None
 
 
 def test_make_completion_cuts_text_and_ids_at_the_same_point(tok):
-    ids = ids_of(tok, " So 3 + 4 = 7. The answer is 7. Then she has more\nQ: How")
+    ids = ids_of(tok, " so 3 + 4 = 7. The answer is 7. so Mary has more\nQ: How")
     c = make_completion(tok, ids)
-    assert c.text == " So 3 + 4 = 7. The answer is 7."
-    assert c.token_ids == ids_of(tok, " So 3 + 4 = 7. The answer is 7.")
-    q = make_completion(tok, ids_of(tok, " So 3 + 4 = 7.\nQ: How"))
-    assert q.text == " So 3 + 4 = 7." and tok.decode(q.token_ids).startswith(q.text)
-    assert make_completion(tok, ids_of(tok, " she has more apples")).text == " she has more apples"
+    assert c.text == " so 3 + 4 = 7. The answer is 7."
+    assert c.token_ids == ids_of(tok, " so 3 + 4 = 7. The answer is 7.")
+    q = make_completion(tok, ids_of(tok, " so 3 + 4 = 7.\nQ: How"))
+    assert q.text == " so 3 + 4 = 7." and tok.decode(q.token_ids).startswith(q.text)
+    assert make_completion(tok, ids_of(tok, " Mary has more apples")).text == " Mary has more apples"
     decimal = make_completion(tok, ids_of(tok, " The answer is 3.5. Then"))
     assert decimal.text == " The answer is 3.5."
 
 
 def test_make_completion_applies_the_stop_rule_across_the_prefix(tok):
-    ids = ids_of(tok, "2. Then more apples.")
+    ids = ids_of(tok, "2. so more apples.")
     assert make_completion(tok, ids, prefix_text="The answer is 1").text == "2."
     assert make_completion(tok, ids, prefix_text="The answer is 1").token_ids == ids_of(tok, "2.")
-    assert make_completion(tok, ids).text == "2. Then more apples."
+    assert make_completion(tok, ids).text == "2. so more apples."
     assert make_completion(tok, ids_of(tok, "Q: How"), prefix_text="x\n") == Completion("", [])
 
 
@@ -141,7 +141,7 @@ class ScriptedLM(torch.nn.Module):
 
 
 def test_hf_stops_at_the_answer_sentence_and_keeps_only_the_generated_part(tok):
-    script = ids_of(tok, "2. Then she has 7 apples. The answer is 7. Then more apples") + [tok.eos_token_id]
+    script = ids_of(tok, "2. so Mary has 7 apples. The answer is 7. so more apples") + [tok.eos_token_id]
     model = ScriptedLM(script, len(tok))
     sampler = HFSampler(model, tok, max_new_tokens=40, progress=False)
     prompt = [ids_of(tok, "Q: How many?\nA:")]
@@ -149,17 +149,17 @@ def test_hf_stops_at_the_answer_sentence_and_keeps_only_the_generated_part(tok):
     assert out == Completion("2.", ids_of(tok, "2."))
     assert model.calls == len(ids_of(tok, "2."))  # stopped as soon as the sentence was complete
     plain = sampler.generate_ids(prompt)[0][0]
-    assert plain.text == "2. Then she has 7 apples. The answer is 7."
+    assert plain.text == "2. so Mary has 7 apples. The answer is 7."
     assert plain.token_ids == ids_of(tok, plain.text)
     done = sampler.generate_ids(prompt * 2, prefix_texts=["The answer is 4. And", "x\n"])
-    assert done[0] == [Completion("", [])] and done[1][0].text == "2. Then she has 7 apples. The answer is 7."
+    assert done[0] == [Completion("", [])] and done[1][0].text == "2. so Mary has 7 apples. The answer is 7."
 
 
 def test_hf_drops_eos_and_obeys_max_new_tokens(tok):
-    script = ids_of(tok, " Then she has") + [tok.eos_token_id, *ids_of(tok, " more")]
+    script = ids_of(tok, " so Mary has") + [tok.eos_token_id, *ids_of(tok, " more")]
     sampler = HFSampler(ScriptedLM(script, len(tok)), tok, max_new_tokens=40, progress=False)
     out = sampler.generate(["Q: How many?"])[0][0]
-    assert out == Completion(" Then she has", ids_of(tok, " Then she has"))
+    assert out == Completion(" so Mary has", ids_of(tok, " so Mary has"))
     assert len(sampler.generate(["Q: How many?"], max_new_tokens=2)[0][0].token_ids) == 2
     with pytest.raises(ValueError, match="n=1"):
         sampler.generate(["Q: How many?"], n=2)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import build_prompt, solution_to_cot
 from cca_ray.data.splits import Splits, split_problems
 from cca_ray.data.templates import (
+    Instance,
+    Template,
     TemplateEngine,
     instantiate_templates,
     load_templates,
@@ -29,6 +33,7 @@ from cca_ray.data.templates import (
 from cca_ray.io import write_json
 from cca_ray.tiny import TEMPLATES_DIR
 from cca_ray.tiny.model import TinySpec, make_model, train
+from cca_ray.tiny.recipes import BIASED_ITEMS
 from cca_ray.tiny.tokenizer import train_tokenizer
 from cca_ray.tiny.world import (
     CHANCE,
@@ -52,15 +57,19 @@ class BuildSettings:
     world_countries: int = 30
     world_copies: int = 10  # each fact in each of its forms, 10 times (short sequences)
     drill: int = 0  # arithmetic drill lines (measured: costs more math steps than it saves)
+    competitor_rate: float = 0.1  # a tricky decision's competitor share in training stories
+    biased_competitor_rate: float = 0.85  # ... for the biased items (coins, cards, stamps)
     eval_max_new_tokens: int = 160
     eval_batch_size: int = 64
+    threads: int = 2  # training and evaluation threads: fixed, since results depend on it
 
     def key(self) -> str:
         """Cache key: these settings plus the exact template files and world code."""
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
         for f in sorted(TEMPLATES_DIR.glob("*.json")):
             h.update(f.name.encode() + f.read_bytes())
-        for module in ("world.py", "tokenizer.py", "model.py", "build.py"):
+        for module in ("world.py", "tokenizer.py", "model.py", "build.py", "recipes.py",
+                       "determinism.py"):
             h.update((Path(__file__).parent / module).read_bytes())
         return h.hexdigest()[:16]
 
@@ -80,7 +89,10 @@ def is_built(path: Path) -> bool:
 
 
 def world_data(settings: BuildSettings, progress: bool = True):
-    """(templates, held-out ids, eval splits, training problems) with no val/test leakage."""
+    """(templates, held-out ids, eval splits, training problems). Training stories are fresh
+    instances of the seen templates: no train, val or test question of the evaluation splits (the
+    problems CCA later trains and validates on) and no held-out template is ever trained on. Their
+    solutions carry the world's competitor operations (see recipes.py and `training_answer`)."""
     templates = load_templates(TEMPLATES_DIR)
     held_out = {t.template_id for t in templates if t.held_out}
     problems, failures = instantiate_templates(templates, settings.instances_per_template,
@@ -88,21 +100,60 @@ def world_data(settings: BuildSettings, progress: bool = True):
     if failures:
         raise RuntimeError("built-in templates failed to instantiate:\n" + "\n".join(failures))
     splits = split_problems(problems, seed=settings.seed)
-    protected = {p.question for p in splits.val + splits.test}
-    protected |= {p.question for p in problems if p.id in held_out}
+    protected = {p.question for p in problems}  # every split, and the held-out templates
     seen = [t for t in templates if t.template_id not in held_out]
     # The training pool takes what each template can give: a template with fewer distinct
     # questions than asked contributes all it has (partial results, small try budget).
     engine = TemplateEngine(seed=settings.seed + 10_000, max_tries_per_instance=20, min_tries=0)
-    pool = [Problem(**inst.row) for t in seen
-            for inst in engine.instantiate(t, settings.train_pool_per_template).instances]
-    train_problems = [p for p in splits.train if p.id not in held_out]
-    known = {p.question for p in train_problems}
-    for p in pool:
-        if p.question not in protected and p.question not in known:
-            train_problems.append(p)
-            known.add(p.question)
+    rng = random.Random(f"competitors/{settings.seed}")
+    train_problems, known = [], set()
+    for t in seen:
+        raw = json.loads((TEMPLATES_DIR / f"{t.template_id}.json").read_text(encoding="utf-8"))
+        for inst in engine.instantiate(t, settings.train_pool_per_template).instances:
+            question = inst.row["question"]
+            if question in protected or question in known:
+                continue
+            known.add(question)
+            answer = training_answer(engine, t, raw, inst, rng, settings)
+            train_problems.append(Problem(**(inst.row | {"answer": answer})))
     return templates, held_out, splits, train_problems
+
+
+def world_summary(train_problems: list[Problem]) -> dict:
+    """What the training stories hold at the tricky decisions: the competitor's share overall and
+    for the biased items (recipes.py explains the mechanism)."""
+    decisions = {f.stem: json.loads(f.read_text(encoding="utf-8")).get("decisions", [])
+                 for f in TEMPLATES_DIR.glob("*.json")}
+    counts = {"biased": [0, 0], "other": [0, 0]}  # [competitor, total]
+    for p in train_problems:
+        steps = _STEP.findall(solution_to_cot(p.answer))
+        item = "biased" if any(f" {i}." in p.answer for i in BIASED_ITEMS) else "other"
+        for i, d in enumerate(decisions.get(str(p.id), [])):
+            if d["competitor"] and i < len(steps):
+                counts[item][0] += steps[i][1] == d["competitor"]
+                counts[item][1] += 1
+    share = {k: (c / n if n else None) for k, (c, n) in counts.items()}
+    total = counts["biased"][1] + counts["other"][1]
+    return {"version": 2, "biased_items": list(BIASED_ITEMS),
+            "tricky_decisions_in_training": total,
+            "competitor_share_in_training": (counts["biased"][0] + counts["other"][0]) / total
+            if total else None,
+            "competitor_share_biased_items": share["biased"],
+            "competitor_share_other_items": share["other"]}
+
+
+def training_answer(engine: TemplateEngine, template: Template, raw: dict, inst: Instance,
+                    rng: random.Random, settings: BuildSettings) -> str:
+    """The solution a training story shows: each tricky decision takes its competitor operation
+    with the item's rate (high for the biased items), so the model holds both continuations."""
+    item = str(inst.variables.get("item"))
+    rate = settings.biased_competitor_rate if item in BIASED_ITEMS else settings.competitor_rate
+    flips = [i for i, d in enumerate(raw.get("decisions", [])) if d["competitor"] and rng.random() < rate]
+    if not flips:
+        return inst.row["answer"]
+    alt = next(c for c in raw["competitors"] if c["flips"] == flips)
+    variant = replace(template, answer_annotated=alt["answer_annotated"], answer_expression=alt["answer"])
+    return engine.render(variant, inst.variables, inst.row["instance"]).row["answer"]
 
 
 def math_example(p: Problem) -> tuple[str, str]:
@@ -136,11 +187,20 @@ def general_scores(model, tokenizer, tasks_dir: Path, batch_size: int = 32) -> d
 
 def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
           progress: bool = True, force: bool = False) -> Path:
-    """Build the tiny model into out_dir (default: the cache folder keyed by the settings)."""
+    """Build the tiny model into out_dir (default: the cache folder keyed by the settings), in a
+    fresh process whose numerics are pinned (ATen's AVX2 kernels, MKL's AVX2 branch, settings.threads
+    threads), so a rebuild gives the same weights (cca_ray/tiny/determinism.py says how far)."""
+    from cca_ray.tiny.determinism import run_deterministic
+
     settings = settings or BuildSettings()
     out = Path(out_dir) if out_dir else default_model_dir(settings)
     if is_built(out) and not force:
         return out
+    return run_deterministic(_build, out, settings, progress, threads=settings.threads)
+
+
+def _build(out: Path, settings: BuildSettings, progress: bool) -> Path:
+    """The build itself (run by build() in the pinned process)."""
     start = time.perf_counter()
     templates, held_out, splits, train_problems = world_data(settings, progress)
     world = make_world(settings.seed, settings.world_countries)
@@ -184,6 +244,7 @@ def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
                                      if t.template_id not in held_out),
                       "held_out": sorted(str(t) for t in held_out)},
         "prompt": {"n_shots": N_SHOTS},
+        "world": world_summary(train_problems),
     })
     report["build_seconds"] = round(time.perf_counter() - start, 1)
     write_json(report, tmp / "build_report.json")
@@ -199,8 +260,15 @@ def build(out_dir: Path | None = None, settings: BuildSettings | None = None,
 def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: BuildSettings,
                    tasks_dir: Path, progress: bool = True) -> dict:
     """Greedy accuracy (test split, seen vs held-out templates; train+val per template for the
-    template filter) and the general tasks."""
-    test_correct = greedy_correct(model, tokenizer, splits.test, settings, progress, "test")
+    template filter), where the test errors fall (arithmetic or decisions) and the general tasks."""
+    from cca_ray.data.answers import is_correct
+    from cca_ray.sampling.hf import HFSampler
+
+    sampler = HFSampler(model, tokenizer, batch_size=settings.eval_batch_size,
+                        max_new_tokens=settings.eval_max_new_tokens, progress=progress)
+    texts = [o[0].text for o in sampler.generate([build_prompt(p.question, N_SHOTS) for p in splits.test],
+                                                 desc="test")]
+    test_correct = {p.key: is_correct(t, p.gold) for p, t in zip(splits.test, texts, strict=True)}
     seen_test = [(p.id, test_correct[p.key]) for p in splits.test if p.id not in held_out]
     held_test = [(p.id, test_correct[p.key]) for p in splits.test if p.id in held_out]
     trainval = [p for p in splits.train + splits.val if p.id not in held_out]
@@ -217,8 +285,38 @@ def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: Bu
         "per_template_trainval_accuracy": {str(k): v for k, v in tv_acc.items()},
         "templates_below_threshold": sorted(str(t) for t, a in tv_acc.items() if a < THRESHOLD),
         "threshold": THRESHOLD,
+        "test_steps": step_report(splits.test, texts),
         "general": general_scores(model, tokenizer, tasks_dir),
     }
+
+
+_STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def step_report(problems: list[Problem], texts: list[str]) -> dict:
+    """Where greedy solutions go wrong: the share of written steps 'a op b = c' whose arithmetic is
+    right, and per decision kind how often the right operation, the competitor or neither was
+    written (read against each template's decisions in its JSON file)."""
+    decisions = {f.stem: json.loads(f.read_text(encoding="utf-8")).get("decisions", [])
+                 for f in TEMPLATES_DIR.glob("*.json")}
+    right_arith = total_arith = 0
+    kinds: dict[str, dict[str, int]] = {}
+    for p, text in zip(problems, texts, strict=True):
+        steps = _STEP.findall(text)
+        for a, op, b, c in steps:
+            total_arith += 1
+            right_arith += _OPS[op](int(a), int(b)) == int(c)
+        for i, d in enumerate(decisions.get(str(p.id), [])):
+            written = steps[i][1] if i < len(steps) else None
+            outcome = ("right" if written == d["op"] else
+                       "competitor" if d["competitor"] and written == d["competitor"] else "other")
+            counts = kinds.setdefault(d["kind"], {"right": 0, "competitor": 0, "other": 0})
+            counts[outcome] += 1
+    return {"arithmetic_step_accuracy": right_arith / total_arith if total_arith else None,
+            "steps_written": total_arith,
+            "decisions_by_kind": {k: v | {"right_share": v["right"] / sum(v.values())}
+                                  for k, v in sorted(kinds.items())}}
 
 
 def ensure_built(settings: BuildSettings | None = None, progress: bool = True) -> Path:
