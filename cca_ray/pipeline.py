@@ -91,8 +91,8 @@ def model_path(config: CCAConfig, progress: bool = True) -> tuple[str, Path | No
         check_builtin_data(config)
         settings = builtin_settings(config)
         if not is_built(default_model_dir(settings)):
-            log.info("building the built-in model (%d training steps; about 13 minutes on 2 cores at the "
-                     "default 3600) into %s", settings.spec.steps, default_model_dir(settings))
+            log.info("building the built-in model (%d training steps; about 15 minutes on 2 quiet cores "
+                     "at the default 3600) into %s", settings.spec.steps, default_model_dir(settings))
         path = ensure_built(settings, progress=progress)
         return str(path), path / "tasks"
     return name, (Path(name) / "tasks" if Path(name, "tasks").is_dir() else None)

@@ -210,15 +210,16 @@ def test_hf_seeded_sampling_repeats_and_differs_across_seeds(small_model, tok):
             assert_cut_consistent(tok, c)
 
 
-def test_hf_prefix_texts_finish_an_answer_sentence(small_model, tok):
+def test_hf_prefix_texts_finish_an_answer_sentence(tok):
     """A prefix that opened an answer sentence stops the continuation at its first '.', one that
-    did not changes nothing (the trained small model's greedy text is a run of '.')."""
-    sampler = HFSampler(load(small_model), tok, max_new_tokens=MAX_NEW, progress=False)
+    did not changes nothing (a scripted model, so the text does not hang on a trained one)."""
+    script = ids_of(tok, " 7 apples. so Mary has more apples") + [tok.eos_token_id]
+    sampler = HFSampler(ScriptedLM(script, len(tok)), tok, max_new_tokens=MAX_NEW, progress=False)
     prompt = [ids_of(tok, PROMPTS[0])]
     plain = sampler.generate_ids(prompt)[0][0]
-    assert "." in plain.text and "\n" not in plain.text.split(".")[0], plain.text
+    assert plain.text == " 7 apples. so Mary has more apples", plain.text
     (opened,), (other,) = sampler.generate_ids(prompt * 2, prefix_texts=["The answer is 5", "Then 5"])
-    assert opened.text == plain.text[: plain.text.index(".") + 1]
+    assert opened.text == plain.text[: plain.text.index(".") + 1] == " 7 apples."
     assert opened.token_ids == plain.token_ids[: len(opened.token_ids)]
     assert len(opened.token_ids) < len(plain.token_ids)
     assert other == plain

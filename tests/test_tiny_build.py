@@ -111,8 +111,15 @@ def test_small_build_writes_a_loadable_hf_folder_with_its_report(small_model):
 
     report = json.loads((small_model / "build_report.json").read_text())
     for key in ("test_accuracy_seen_templates", "test_accuracy_held_out_templates",
-                "templates_below_threshold", "train_seconds", "general"):
+                "templates_below_threshold", "train_seconds", "general", "test_steps", "world"):
         assert key in report
+    steps = report["test_steps"]
+    if steps["steps_written"]:  # a 40-step model may write no step at all
+        assert 0.0 <= steps["arithmetic_step_accuracy"] <= 1.0
+    else:
+        assert steps["arithmetic_step_accuracy"] is None
+    assert set(steps["decisions_by_kind"]) >= {"given", "sells", "packs"}
+    assert report["world"]["competitor_share_biased_items"] > report["world"]["competitor_share_other_items"]
     assert 0.0 <= report["test_accuracy_seen_templates"] <= 1.0
     assert set(report["general"]) == {"tinyworld_mmlu", "tinyworld_trivia", "tinyworld_truthful"}
     for g in report["general"].values():
