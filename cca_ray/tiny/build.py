@@ -119,11 +119,16 @@ def world_data(settings: BuildSettings, progress: bool = True):
     return templates, held_out, splits, train_problems
 
 
+def template_decisions() -> dict[str, list[dict]]:
+    """Template id -> its decisions in order ({kind, op, competitor}), from the template files."""
+    return {f.stem: json.loads(f.read_text(encoding="utf-8")).get("decisions", [])
+            for f in TEMPLATES_DIR.glob("*.json")}
+
+
 def world_summary(train_problems: list[Problem]) -> dict:
     """What the training stories hold at the tricky decisions: the competitor's share overall and
     for the biased items (recipes.py explains the mechanism)."""
-    decisions = {f.stem: json.loads(f.read_text(encoding="utf-8")).get("decisions", [])
-                 for f in TEMPLATES_DIR.glob("*.json")}
+    decisions = template_decisions()
     counts = {"biased": [0, 0], "other": [0, 0]}  # [competitor, total]
     for p in train_problems:
         steps = _STEP.findall(solution_to_cot(p.answer))
@@ -298,8 +303,7 @@ def step_report(problems: list[Problem], texts: list[str]) -> dict:
     """Where greedy solutions go wrong: the share of written steps 'a op b = c' whose arithmetic is
     right, and per decision kind how often the right operation, the competitor or neither was
     written (read against each template's decisions in its JSON file)."""
-    decisions = {f.stem: json.loads(f.read_text(encoding="utf-8")).get("decisions", [])
-                 for f in TEMPLATES_DIR.glob("*.json")}
+    decisions = template_decisions()
     right_arith = total_arith = 0
     kinds: dict[str, dict[str, int]] = {}
     for p, text in zip(problems, texts, strict=True):
