@@ -9,17 +9,15 @@ not, for CCA's selection against random selections of the same size per kind:
    ones: the update memorises instead of amplifying a shared circuit.
 
     python benchmarks/selection_probe.py --run runs/default
-(uses the run's config.yaml, its localize and dcm stages and the built-in or configured model)
+(uses the run's config.yaml and its stages: the pivots, their split and the DCM mask are reused)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 
 def main() -> None:
@@ -27,8 +25,8 @@ def main() -> None:
     from cca_ray.config import load_config
     from cca_ray.dcm import Example
     from cca_ray.dcm.batches import full_logits, logit_difference
-    from cca_ray.localize import Pivot, split_pivots
-    from cca_ray.pipeline import load_model, random_selection, update_subset
+    from cca_ray.localize import Pivot
+    from cca_ray.pipeline import Pipeline, random_selection, update_subset
     from cca_ray.update import RowDeltas, selected_rows
     from cca_ray.update.diagnostics import logit_differences
     from cca_ray.update.train import micro_batches
@@ -38,19 +36,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="random selections to compare")
     args = ap.parse_args()
     run = Path(args.run)
-    config = load_config(run / "config.yaml")
-    loaded = load_model(config, progress=False)
-    model, pad = loaded.model, loaded.tokenizer.pad_token_id
-    newest = lambda pattern: max(run.glob(f"stages/{pattern}"), key=lambda p: p.stat().st_mtime)  # noqa: E731
-    rows_of = (newest("localize-*") / "localization.jsonl").read_text().splitlines()
-    pivots = [Pivot.from_row(json.loads(r)) for r in rows_of]
-    train, held = split_pivots(pivots, config.localize.heldout_fraction, config.localize.heldout_seed)
+    pipe = Pipeline(load_config(run / "config.yaml"), run, progress=False)  # its stages, reused
+    config = pipe.config
+    prep = pipe.prepare()
+    masks, _ = pipe.dcm(prep.pivots)
+    model, pad = pipe.m.model, pipe.m.tokenizer.pad_token_id
+    train, held = prep.pivots, prep.heldout
     step_set = update_subset(train, config.update.max_examples)
 
     def examples(ps: list[Pivot]) -> list[Example]:
         return [Example(p.prefix["token_ids"], p.desired_token, p.undesired_token) for p in ps]
 
-    masks = load_file(str(newest("dcm-*") / "mask.safetensors"))
     cca = {k: masks[k] > 0.5 for k in KINDS}
     selections = [("cca", cca)] + [(f"random{s}", random_selection(cca, s)) for s in range(args.seeds)]
     print(f"{len(train)} DCM-train pivots ({len(step_set)} per update step), {len(held)} held out; "
