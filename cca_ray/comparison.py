@@ -54,6 +54,8 @@ def build_comparison(model: str, base: dict, methods: dict[str, dict], info: dic
         cca = out["cca"]
         if "random" in out:
             checks["cca_gain_above_random"] = cca["gain"] > out["random"]["gain"]
+            lo, hi = cca["gain_ci95"]  # a larger gain inside CCA's own interval is not beyond noise
+            checks["random_gain_inside_cca_ci"] = bool(lo <= out["random"]["gain"] <= hi)
         for other in ("lora", "full_ft"):
             if other in out:
                 ratio = (out[other]["params_changed_fraction"] / cca["params_changed_fraction"]
@@ -121,8 +123,13 @@ def render_markdown(r: dict) -> str:
     if c:
         lines += ["", "## Checks", ""]
         if "cca_gain_above_random" in c:
+            diff = 100 * (r["methods"]["cca"]["gain"] - r["methods"]["random"]["gain"])
+            inside = c.get("random_gain_inside_cca_ci")
             lines.append(f"- CCA's test gain above the random-component control: "
-                         f"**{'yes' if c['cca_gain_above_random'] else 'no'}**.")
+                         f"**{'yes' if c['cca_gain_above_random'] else 'no'}** (CCA - random = {diff:+.2f} "
+                         f"points; the random control's gain lies {'inside' if inside else 'outside'} "
+                         f"CCA's 95% interval over templates"
+                         f"{', so the difference is not beyond noise' if inside else ''}).")
         for other, need in (("lora", 10), ("full_ft", 100)):
             ratio = c.get(f"{other}_over_cca_params_changed")
             if f"{other}_over_cca_params_changed" in c:

@@ -35,9 +35,15 @@ def test_checks_compare_cca_with_random_and_the_parameter_ratios():
     assert r["methods"]["cca"]["gain"] == pytest.approx(0.05)
     assert r["methods"]["cca"]["params_changed_fraction"] == pytest.approx(0.001)
     assert r["checks"] == {"cca_gain_above_random": True, "lora_over_cca_params_changed": pytest.approx(50),
-                           "full_ft_over_cca_params_changed": pytest.approx(1000)}
+                           "full_ft_over_cca_params_changed": pytest.approx(1000),
+                           "random_gain_inside_cca_ci": False}
     md = render_markdown(r)
+    assert "CCA - random = +4.00 points; the random control's gain lies outside" in md
     assert "LoRA trains 50x (at least 10x)" in md and "full fine-tuning trains 1,000x (at least 100x)" in md
     assert "| full fine-tuning | 50.00% | +10.00" in md
     r2 = build_comparison("m", base, methods | {"random": _method(0.46, 10, 0.0)}, {"trials_per_method": 2})
     assert r2["checks"]["cca_gain_above_random"] is False
+    tie = build_comparison("m", base, methods | {"random": _method(0.45, 10, 0.0)}, {"trials_per_method": 2})
+    assert tie["checks"]["random_gain_inside_cca_ci"] is True
+    tie_md = render_markdown(tie)
+    assert "**no** (CCA - random = +0.00 points; the random control's gain lies inside" in tie_md
