@@ -41,9 +41,13 @@ def pivot_diagnostics(model, rows: dict[str, torch.Tensor], states: dict[str, li
     base = {name: logit_differences(model, ex, pad_id, batch_size) for name, ex in sets.items()}
     out = {"base": {name: pivot_stats(d, d) for name, d in base.items()}}
     deltas = RowDeltas(model, rows)
+    measured: dict[int, dict] = {}  # the same deltas (best step = best updated step) are measured once
     for state, values in states.items():
-        deltas.load(values)
-        with deltas.attached():
-            out[state] = {name: pivot_stats(logit_differences(model, ex, pad_id, batch_size), base[name])
-                          for name, ex in sets.items()}
+        if id(values) not in measured:
+            deltas.load(values)
+            with deltas.attached():
+                measured[id(values)] = {
+                    name: pivot_stats(logit_differences(model, ex, pad_id, batch_size), base[name])
+                    for name, ex in sets.items()}
+        out[state] = measured[id(values)]
     return out
