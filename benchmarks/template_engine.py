@@ -1,57 +1,140 @@
-"""Template engine: solving 'x == expr' conditions vs plain rejection sampling, side by side.
+"""Template engine: sampling by construction vs plain rejection, side by side.
 
-Runs both engines on the same templates (the GSM-Symbolic templates that have a solvable
-equality when ../shared is present, else a built-in tight-equality template) and prints tries
-per instance, wall time and templates completed, with the ratios.
+Instantiates the 100 GSM-Symbolic templates of ../shared (50 instances each by default) once
+with the default sampler (rejection, with construction taking over when few draws meet the
+conditions: cca_ray/data/template_sampler.py) and once with rejection only, under the same try
+budget, and prints for each: templates that reached the requested count, total tries, wall
+seconds and instances per second, then the ratios, overall and on the templates where
+construction took over. Without ../shared it says so and runs one built-in tight-divisibility
+template instead.
 
-    .venv/bin/python benchmarks/template_engine.py [--per-template 50]
+    .venv/bin/python benchmarks/template_engine.py [--per-template 50] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cca_ray.data.templates import TemplateEngine, load_templates, parse_template
+from cca_ray.data.templates import (
+    InstantiationResult,
+    Template,
+    TemplateEngine,
+    load_templates,
+    parse_template,
+)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/gsm-symbolic/templates/symbolic"
-FALLBACK = {
-    "id": "tight",
-    "question_annotated": "{a,1} {b,2} {c,3}\n#init:\n- $a = range(1, 50)\n- $b = range(1, 50)\n"
-                          "- $c = range(1, 500)\n#conditions:\n- c == a * b + 3\n#answer: c",
-    "answer_annotated": "#### {c}",
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "gsm-symbolic" / "templates" / "symbolic"
+TIGHT = {  # 1/lcm of the two denominators of t's coefficients: about 1 draw in 150 is accepted
+    "id": "tight-divisibility",
+    "question_annotated": (
+        "{name,Ann} has {t,504} stamps and gives {frac1,1/7} of them to Bo and {frac2,1/8} of "
+        "them to Cy. How many stamps are given away?\n\n#init:\n- name = sample(names)\n"
+        "- $t = range(1, 2000)\n"
+        "- $frac1 = [Fraction(1, 7), Fraction(2, 9), Fraction(3, 11), Fraction(5, 13), "
+        "Fraction(4, 17)]\n"
+        "- $frac2 = [Fraction(1, 8), Fraction(3, 10), Fraction(2, 15), Fraction(5, 19), "
+        "Fraction(6, 23)]\n\n#conditions:\n- is_int(frac1 * t)\n- is_int(frac2 * t)\n\n"
+        "#answer: frac1 * t + frac2 * t"
+    ),
+    "answer_annotated": (
+        "Bo gets {frac1} * {t} = <<{frac1}*{t}={frac1*t}>>{frac1*t} stamps and Cy gets {frac2} * "
+        "{t} = <<{frac2}*{t}={frac2*t}>>{frac2*t} stamps, {frac1*t + frac2*t} in all.\n"
+        "#### {frac1*t + frac2*t}"
+    ),
 }
 
 
-def run(engine: TemplateEngine, templates, n: int) -> tuple[int, int, float]:
+@dataclass
+class Run:
+    """One sampler over all templates: per-template results and the totals."""
+
+    name: str
+    results: list[InstantiationResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tries(self) -> int:
+        return sum(r.tries for r in self.results)
+
+    @property
+    def instances(self) -> int:
+        return sum(len(r.instances) for r in self.results)
+
+    def complete(self, n: int) -> int:
+        return sum(len(r.instances) == n for r in self.results)
+
+
+def run(name: str, engine: TemplateEngine, templates: list[Template], n: int) -> Run:
+    """Instantiate every template with one engine, timing the whole pass."""
+    out = Run(name)
     start = time.perf_counter()
-    tries = done = 0
     for t in templates:
-        result = engine.instantiate(t, n)
-        tries += result.tries
-        done += result.ok
-    return tries, done, time.perf_counter() - start
+        out.results.append(engine.instantiate(t, n))
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def table(runs: list[Run], n: int, count: int) -> None:
+    """The side-by-side table: completion, tries, wall time, throughput."""
+    print(f"  {'sampler':10s} {'templates at ' + str(n):>16s} {'tries':>10s} {'wall s':>8s} "
+          f"{'instances/s':>12s}")
+    for r in runs:
+        rate = r.instances / r.seconds if r.seconds else float("inf")
+        print(f"  {r.name:10s} {f'{r.complete(n)}/{count}':>16s} {r.tries:>10,d} "
+              f"{r.seconds:>8.2f} {rate:>12.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-template", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tries-per-instance", type=int, default=2_000,
+                        help="rejection budget per requested instance (the engine's default)")
     args = parser.parse_args()
+    n = args.per_template
     if SHARED.is_dir():
-        templates = [t for t in load_templates(SHARED) if t.solvable]
-        source = f"{len(templates)} GSM-Symbolic templates with a solvable equality"
+        templates = load_templates(SHARED)
+        print(f"{len(templates)} GSM-Symbolic templates from {SHARED}, {n} instances each, "
+              f"seed {args.seed}, at most max({20_000}, {args.max_tries_per_instance} x {n}) "
+              f"tries per template")
     else:
-        templates = [parse_template(FALLBACK, "fallback")]
-        source = "built-in tight-equality template"
-    print(f"{source}, {args.per_template} instances each")
-    solved = run(TemplateEngine(seed=0), templates, args.per_template)
-    plain = run(TemplateEngine(seed=0, solve_equalities=False), templates, args.per_template)
-    for name, (tries, done, secs) in (("solve equalities", solved), ("rejection only", plain)):
-        print(f"  {name:17s} tries/instance {tries / (len(templates) * args.per_template):9.1f}"
-              f"  wall {secs:7.2f} s  templates completed {done}/{len(templates)}")
-    print(f"ratio (rejection / solve): tries {plain[0] / solved[0]:.1f}x, "
-          f"wall {plain[2] / solved[2]:.1f}x")
+        print(f"skipped the GSM-Symbolic comparison: {SHARED} is not present (only the project's "
+              f"workspace has ../shared); running one built-in tight-divisibility template")
+        templates = [parse_template(TIGHT, "built-in")]
+    sys.stdout.flush()
+    kwargs = {"seed": args.seed, "max_tries_per_instance": args.max_tries_per_instance}
+    construct = run("construct", TemplateEngine(**kwargs), templates, n)
+    reject = run("reject", TemplateEngine(strategy="reject", **kwargs), templates, n)
+    print("\nall templates")
+    table([construct, reject], n, len(templates))
+    print(f"  ratio reject/construct: tries {reject.tries / max(construct.tries, 1):.1f}x, "
+          f"wall {reject.seconds / construct.seconds:.1f}x; instances/s construct/reject "
+          f"{(construct.instances / construct.seconds) / (reject.instances / reject.seconds):.1f}x")
+
+    took_over = [i for i, r in enumerate(construct.results) if r.sampler == "construct"]
+    if took_over:
+        sub = [Run(r.name, [r.results[i] for i in took_over],
+                   sum(r.results[i].seconds for i in took_over)) for r in (construct, reject)]
+        print(f"\nthe {len(took_over)} templates where construction took over (fewer than "
+              f"{TemplateEngine().min_acceptance:.0%} of the first {TemplateEngine().probe_tries} "
+              f"rejection draws met the conditions); wall = the sum of their instantiations")
+        table(sub, n, len(took_over))
+        print(f"  ratio reject/construct: tries {sub[1].tries / max(sub[0].tries, 1):.1f}x, "
+              f"wall {sub[1].seconds / sub[0].seconds:.1f}x")
+        print("\n  slowest under rejection:  id  reject tries / s  ->  construct tries / s")
+        slow = sorted(took_over, key=lambda i: -reject.results[i].seconds)[:8]
+        for i in slow:
+            c, r = construct.results[i], reject.results[i]
+            print(f"  {str(c.template.template_id):>26s}  {r.tries:>7,d} / {r.seconds:5.2f}  ->  "
+                  f"{c.tries:>6,d} / {c.seconds:5.2f}")
+    failed = [r for r in construct.results if not r.ok]
+    for r in failed:
+        print(f"\nnot instantiated: {(r.error or '')[:400]}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,9 @@ from cca_ray import __version__
 
 
 def _templates_path(path: str) -> Path:
-    from cca_ray.config import BUILTIN
-    from cca_ray.tiny import TEMPLATES_DIR
+    from cca_ray.data.basic_templates import template_folder
 
-    return TEMPLATES_DIR if path == BUILTIN else Path(path)
+    return template_folder(path)
 
 
 def cmd_instantiate(args: argparse.Namespace) -> int:

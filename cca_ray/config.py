@@ -25,7 +25,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field(BUILTIN, min_length=1, description="HF hub id, local folder, or 'builtin'")
+    name: str = Field(BUILTIN, min_length=1, description="HF hub id, local folder, 'builtin', a packaged "
+                                                       "GGUF model (smollm2-135m-instruct) or a .gguf file")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     architecture: str | None = Field(None, description="override the config's model_type")
     builtin_steps: int | None = Field(None, ge=1, le=1_000_000,
@@ -35,7 +36,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["templates", "jsonl", "hub"] = "templates"
-    path: str = Field(BUILTIN, description="templates folder / JSONL file; 'builtin' = ours")
+    path: str = Field(BUILTIN, description="templates folder / JSONL file; 'builtin' = the tiny world's; "
+                                           "'basic' = everyday 1-2 step stories for small real models")
     hub_config: Literal["main", "p1", "p2"] = "main"
     instances_per_template: int = Field(50, ge=3, le=100_000)
     split_ratios: tuple[float, float, float] = (0.52, 0.08, 0.40)
@@ -43,6 +45,16 @@ class DataConfig(_Section):
     n_shots: int = Field(8, ge=0, le=8)
     chat_template: bool = False
     template_threshold: float = Field(0.8, gt=0, le=1)
+    template_min_accuracy: float = Field(0.0, ge=0, lt=1,
+                                         description="also drop templates whose train+val accuracy is "
+                                                     "below this (no right traces to learn from)")
+
+    @model_validator(mode="after")
+    def _filter(self) -> DataConfig:
+        if self.template_min_accuracy >= self.template_threshold:
+            raise ValueError(f"template_min_accuracy ({self.template_min_accuracy}) must be below "
+                             f"template_threshold ({self.template_threshold})")
+        return self
 
     @model_validator(mode="after")
     def _ratios(self) -> DataConfig:
@@ -61,6 +73,8 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(1500, ge=1, le=32_768)
     batch_size: int = Field(16, ge=1)
     seed: int = Field(0, ge=0)
+    cpu_threads: int | None = Field(None, ge=1, description="cores the in-process vLLM-CPU engine "
+                                    "uses (None: vLLM's default, which keeps one core free)")
 
 
 class LocalizeConfig(_Section):

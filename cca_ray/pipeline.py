@@ -82,8 +82,10 @@ def check_builtin_data(config: CCAConfig) -> None:
 
 
 def model_path(config: CCAConfig, progress: bool = True) -> tuple[str, Path | None]:
-    """Where the base model lives (the built-in one is built into the cache first) and its folder
-    of local lm-eval tasks, if any."""
+    """Where the base model lives (the built-in one is built, a packaged GGUF converted, into the
+    cache first) and its folder of local lm-eval tasks, if any."""
+    from cca_ray.packaged import gguf_model_dir, is_gguf_source
+
     name = config.model.name
     if name == BUILTIN:
         from cca_ray.tiny.build import default_model_dir, ensure_built, is_built
@@ -94,6 +96,9 @@ def model_path(config: CCAConfig, progress: bool = True) -> tuple[str, Path | No
             log.info("building the built-in model (%d training steps; about 15 minutes on 2 quiet cores "
                      "at the default 3600) into %s", settings.spec.steps, default_model_dir(settings))
         path = ensure_built(settings, progress=progress)
+        return str(path), path / "tasks"
+    if is_gguf_source(name):
+        path = gguf_model_dir(name, progress=progress)
         return str(path), path / "tasks"
     return name, (Path(name) / "tasks" if Path(name, "tasks").is_dir() else None)
 
@@ -127,9 +132,9 @@ def load_model(config: CCAConfig, progress: bool = True) -> Loaded:
 def load_problems(config: CCAConfig) -> list[Problem]:
     d = config.data
     if d.source == "templates":
-        from cca_ray.tiny import TEMPLATES_DIR
+        from cca_ray.data.basic_templates import template_folder
 
-        templates = load_templates(TEMPLATES_DIR if d.path == BUILTIN else d.path)
+        templates = load_templates(template_folder(d.path))
         problems, failures = instantiate_templates(templates, d.instances_per_template, d.seed)
         for reason in failures:
             log.warning("skipping template: %s", reason)
@@ -206,7 +211,8 @@ class Pipeline:
                                              tokenizer=self.m.tokenizer, batch_size=s.batch_size,
                                              max_new_tokens=max(s.max_new_tokens,
                                                                 self.config.evaluation.max_new_tokens),
-                                             progress=self.progress, max_model_len=4096)
+                                             progress=self.progress, max_model_len=4096,
+                                             cpu_threads=s.cpu_threads)
         return self._gen_sampler
 
     def greedy(self, problems: list[Problem], desc: str) -> dict[tuple, bool]:
@@ -249,17 +255,20 @@ class Pipeline:
         correct = {n: _correct_map(_read_jsonl(path / f"{n}_correct.jsonl"))
                    for n in ("train", "val", "test")}
         acc = template_accuracies(splits, {**correct["train"], **correct["val"]})
-        kept = select_templates(acc, c.data.template_threshold)
+        kept = select_templates(acc, c.data.template_threshold, c.data.template_min_accuracy)
         if not kept:
             raise LocalizationError(
-                f"no template is below data.template_threshold {c.data.template_threshold} on train+val "
-                f"(lowest: {min(acc.values()):.2f}); raise the threshold to train on this model")
+                f"no template's train+val accuracy lies in [data.template_min_accuracy "
+                f"{c.data.template_min_accuracy}, data.template_threshold {c.data.template_threshold}) "
+                f"(lowest {min(acc.values()):.2f}, highest {max(acc.values()):.2f}); widen that range "
+                f"to train on this model")
         self.template_acc = acc
         return correct, kept
 
     def traces(self, splits: Splits, kept: list) -> list[Trace]:
         c = self.config
-        key = stage_key("traces", self.base_key, c.sampling.model_dump(), [str(k) for k in kept])
+        key = stage_key("traces", self.base_key, c.sampling.model_dump(exclude={"cpu_threads"}),
+                        [str(k) for k in kept])  # cores change the speed, not the traces
         problems = [p for p in splits.train if p.id in set(kept)]
 
         def compute(tmp: Path) -> dict:
@@ -762,6 +771,7 @@ def build_report(c: CCAConfig, m: Loaded, prep: Prepared, template_acc: dict, dc
         "config": c.model_dump(by_alias=True),
         "data": {"train": len(splits.train), "val": len(splits.val), "test": len(test),
                  "templates_kept": [str(k) for k in kept], "template_threshold": c.data.template_threshold,
+                 "template_min_accuracy": c.data.template_min_accuracy,
                  "template_filter_measured_on": "train+val only (test untouched)",
                  "template_trainval_accuracy": {str(k): v for k, v in template_acc.items()}},
         "base": {"val_accuracy": macro_accuracy(list(zip([p.id for p in splits.val], base_v, strict=True))),

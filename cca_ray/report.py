@@ -73,7 +73,8 @@ def render_markdown(r: dict) -> str:
         f"({_pct(cca['components_fraction'])}) {cca['selected_per_kind']}; updated kinds "
         f"{cca['kinds_updated']}; parameters changed {_pct(cca['params_changed_fraction'])}.",
         f"- Template filter on train+val only: {len(r['data']['templates_kept'])} templates kept "
-        f"(accuracy < {r['data']['template_threshold']}).", "",
+        f"({r['data'].get('template_min_accuracy', 0.0)} <= accuracy < {r['data']['template_threshold']}).",
+        "",
         "## Random-component control", "",
         "| seed | lr | best step | val | test | updated: lr | step | val | test |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -55,9 +55,10 @@ def check_instances(result):
 
 
 def test_shared_templates_instantiate(shared_results):
+    # 99: every template but 62, whose #answer disagrees with its worked solution
     ok = [r for r in shared_results if r.ok]
     assert len(shared_results) == 100
-    assert len(ok) >= 95, [r.error for r in shared_results if not r.ok]
+    assert len(ok) >= 99, [r.error for r in shared_results if not r.ok]
     for result in ok:
         assert len(result.instances) == PER_TEMPLATE
         check_instances(result)

@@ -57,3 +57,10 @@ def test_template_set_size_and_held_out(tiny_json):
         assert isinstance(data.get("held_out"), bool), stem
         assert data["id"] == stem
     assert sum(d["held_out"] for d in tiny_json.values()) >= 4
+
+
+def test_construction_never_takes_over_so_the_trained_draws_stay(tiny_results):
+    # The built-in model was trained on rejection's draws; every template accepts far more than
+    # the engine's min_acceptance of its probe draws, so construction must never switch in.
+    for result in tiny_results:
+        assert result.sampler == "reject" and result.switched_at is None, result.template.name

@@ -51,6 +51,19 @@ def unwrap(value: Any) -> Any:
     return value.value if isinstance(value, Labeled) else value
 
 
+def labeled(value: Any) -> Any:
+    """(text, number) pairs from pools become Labeled: text in questions, number in arithmetic."""
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], (str, int))
+        and isinstance(value[1], (int, float, Fraction))
+        and not isinstance(value[1], bool)
+    ):
+        return Labeled(str(value[0]), value[1])
+    return value
+
+
 # ---------------------------------------------------------------- helper functions of templates
 
 
@@ -255,6 +268,18 @@ def _parse(source: str) -> ast.Expression:
         raise UnsafeExpressionError(f"not a valid expression: {exc.msg}") from None
 
 
+@functools.lru_cache(maxsize=4096)
+def _checked(source: str) -> ast.Expression:
+    """The parsed expression once it has no dunder name (checked once per distinct source, since
+    samplers evaluate the same conditions thousands of times; a refusal is raised, never cached)."""
+    tree = _parse(source)
+    for node in ast.walk(tree):  # name the worst offence first, before evaluating anything
+        name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+        if isinstance(name, str) and name.startswith("__"):
+            raise UnsafeExpressionError(f"dunder names are not allowed ({name!r})")
+    return tree
+
+
 def dotted_name(node: ast.AST) -> str | None:
     """'np.random.randint' for an Attribute chain over a Name, else None."""
     parts = []
@@ -279,16 +304,17 @@ class SafeEvaluator:
         self._steps = 0
         self._deadline = 0.0
 
+    @property
+    def steps(self) -> int:
+        """AST nodes the last evaluate() visited (a cost measure callers can budget on)."""
+        return self._steps
+
     def evaluate(self, source: str) -> Any:
         if len(source) > MAX_SOURCE_CHARS:
             raise UnsafeExpressionError(
                 f"expression is {len(source)} characters long (limit {MAX_SOURCE_CHARS})"
             )
-        tree = _parse(source)
-        for node in ast.walk(tree):  # name the worst offence first, before evaluating anything
-            name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
-            if isinstance(name, str) and name.startswith("__"):
-                raise UnsafeExpressionError(f"dunder names are not allowed ({name!r})")
+        tree = _checked(source)
         self._steps = 0
         self._deadline = time.monotonic() + MAX_SECONDS
         return self._eval(tree.body)

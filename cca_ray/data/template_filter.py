@@ -26,8 +26,12 @@ def template_accuracies(splits: Splits, correct: Mapping[tuple, bool]) -> dict[H
     return per_template_accuracy((p.id, correct[p.key]) for p in seen)
 
 
-def select_templates(accuracies: Mapping[Hashable, float], threshold: float = 0.8) -> list:
-    """Template ids whose accuracy is strictly below the threshold, in sorted order."""
+def select_templates(accuracies: Mapping[Hashable, float], threshold: float = 0.8,
+                     minimum: float = 0.0) -> list:
+    """Template ids with minimum <= accuracy < threshold, in sorted order (a template the model
+    never solves gives CCA no right trace to contrast, so a real model's run may drop those)."""
     if not 0 < threshold <= 1:
         raise DataError(f"template threshold must be in (0, 1], got {threshold}")
-    return sorted((t for t, acc in accuracies.items() if acc < threshold), key=str)
+    if not 0 <= minimum < threshold:
+        raise DataError(f"template minimum accuracy must be in [0, {threshold}), got {minimum}")
+    return sorted((t for t, acc in accuracies.items() if minimum <= acc < threshold), key=str)

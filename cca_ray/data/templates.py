@@ -6,6 +6,10 @@ A template (``question_annotated``) is the question with ``{var,default}`` place
 (boolean expressions) and ``#answer: <expression>``. ``answer_annotated`` is the worked solution
 with ``{expression}`` placeholders, ending ``#### {answer}``. All expressions go through the
 whitelisted evaluator in ``safe_eval``.
+
+Variables are drawn by rejection (draw all, check the conditions, retry); a template whose
+conditions reject nearly every draw is handed to sampling by construction
+(``template_sampler``), see ``TemplateEngine``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ast
 import json
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -29,6 +34,8 @@ from cca_ray.data.safe_eval import (
     make_functions,
     unwrap,
 )
+from cca_ray.data.safe_eval import labeled as _labeled  # (text, number) pool pairs -> Labeled
+from cca_ray.data.template_sampler import ConstructionPlan, build_plan
 
 CANARY = "cca-ray generated GSM-Symbolic-style data; canary GUID 6b1f3c2e-cca0-4d1e-9a57-ray0data0001"
 SECTION = re.compile(r"^[ \t]*#(init|conditions|answer)[ \t]*[:=]", re.MULTILINE)
@@ -243,41 +250,85 @@ class Instance:
 
 @dataclass
 class InstantiationResult:
+    """What instantiating one template gave: instances, the tries and wall time it took."""
+
     template: Template
     instances: list[Instance]
     tries: int
     rejections: Counter  # reason -> count
     error: str | None = None
+    seconds: float = 0.0  # wall time of instantiate()
+    sampler: str = "reject"  # "reject", or "construct" once construction took over
+    switched_at: int | None = None  # the try after which construction took over
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def instances_per_second(self) -> float:
+        """Throughput of this template's instantiation (instances / wall second)."""
+        return len(self.instances) / self.seconds if self.seconds > 0 else float("inf")
+
+
+STRATEGIES = ("construct", "reject")
+INCONSISTENT_LIMIT = 1_000  # draws that met the conditions, all with '####' != #answer: stop
+
 
 class TemplateEngine:
-    """Draws instances of templates with a seeded RNG per template."""
+    """Draws instances of templates with a seeded RNG per template.
+
+    strategy "reject" draws every variable and retries until the conditions hold (the
+    original sampler, kept as the fallback and the benchmark's baseline). strategy "construct"
+    (default) starts exactly like "reject" and, when after probe_tries tries fewer than
+    min_acceptance of the draws met the conditions, continues with the template's
+    ConstructionPlan (cca_ray/data/template_sampler.py: conditions solved by enumeration and
+    divisor multiples instead of retries). Templates that rejection fills easily, such as the
+    built-in world's, therefore keep their draws unchanged, draw for draw; probe_tries=0
+    constructs from the first try. Either way the same seed gives the same instances.
+    """
 
     def __init__(self, seed: int = 0, max_tries_per_instance: int = 2_000,
                  min_tries: int = 20_000, pools: dict[str, list] | None = None,
-                 solve_equalities: bool = True):
+                 solve_equalities: bool = True, strategy: str = "construct",
+                 probe_tries: int = 500, min_acceptance: float = 0.02):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.seed = seed
         self.solve_equalities = solve_equalities
         self.max_tries_per_instance = max_tries_per_instance
         self.min_tries = min_tries
         self.pools = POOLS if pools is None else pools
+        self.strategy = strategy
+        self.probe_tries = probe_tries
+        self.min_acceptance = min_acceptance
+        self._plans: dict[int, tuple[Template, ConstructionPlan]] = {}
 
-    def draw(self, template: Template, rng: random.Random) -> tuple[dict[str, Any] | None, str]:
+    def plan(self, template: Template) -> ConstructionPlan:
+        """The template's ConstructionPlan, built once per engine and template."""
+        cached = self._plans.get(id(template))
+        if cached is None or cached[0] is not template:
+            cached = (template, build_plan(template, self.pools))
+            self._plans[id(template)] = cached
+        return cached[1]
+
+    def draw(self, template: Template, rng: random.Random,
+             fixed: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str]:
         """One attempt: variables satisfying every condition, or (None, reason for rejection).
 
         A condition ``x == expr`` whose side ``x`` is a drawn variable that no later line reads
         is solved instead of hoped for: x takes expr's value when that value is in x's domain,
         else the attempt is rejected. For a uniform domain this is exactly the distribution of
         rejection sampling, without the thousands of wasted draws of tight equalities.
+        ``fixed`` holds values already drawn by construction: those lines are not evaluated.
         """
         evaluator = SafeEvaluator({**self.pools}, make_functions(rng))
         variables = evaluator.variables
         domains: dict[str, list | range] = {}
         for a in template.assignments:
+            if fixed and len(a.targets) == 1 and a.targets[0] in fixed:
+                variables[a.targets[0]] = fixed[a.targets[0]]
+                continue
             value = self._evaluate(evaluator, a.expression, template, f"#init: {a.line}")
             if a.draw and isinstance(value, (list, range)):
                 if len(value) == 0:
@@ -348,20 +399,45 @@ class TemplateEngine:
         return Instance(row=row, variables=variables, answer_value=value)
 
     def instantiate(self, template: Template, n: int) -> InstantiationResult:
-        """n distinct instances of one template, or an error saying why it could not."""
+        """n distinct instances of one template, or an error saying why it could not.
+
+        The result carries the tries, the wall time and which sampler finished the job (see the
+        class docstring for when construction takes over from rejection).
+        """
+        start = time.perf_counter()
         rng = random.Random(f"{self.seed}/{template.template_id}")
         instances: list[Instance] = []
         seen: set[str] = set()
         rejections: Counter = Counter()
         budget = max(self.min_tries, self.max_tries_per_instance * n)
-        tries = 0
+        tries = met = 0  # met: draws that met every condition
+        plan: ConstructionPlan | None = None
+        bounds: dict[int, tuple[int, int]] = {}  # the plan's uniformity correction, this call's
+        switched_at: int | None = None
+        example = ""  # one draw whose '####' number differs from #answer, with both numbers
+        error: str | None = None
         try:
             while len(instances) < n and tries < budget:
+                if (self.strategy == "construct" and tries == self.probe_tries
+                        and (tries == 0 or met < self.min_acceptance * tries)):
+                    candidate = self.plan(template)
+                    if candidate.unsatisfiable and not met:
+                        error = (f"{template.name}: only 0 of {n} instances after {tries} tries: "
+                                 f"the conditions cannot all hold: {candidate.unsatisfiable}")
+                        break
+                    if candidate.constructive and not candidate.unsatisfiable:
+                        plan, switched_at = candidate, tries
                 tries += 1
-                variables, reason = self.draw(template, rng)
+                if plan is not None:
+                    fixed, reason = plan.sample(rng, bounds)
+                    variables, reason = (None, reason) if fixed is None else \
+                        self.draw(template, rng, fixed)
+                else:
+                    variables, reason = self.draw(template, rng)
                 if variables is None:
                     rejections[reason] += 1
                     continue
+                met += 1
                 try:
                     inst = self.render(template, variables, len(instances))
                 except ZeroDivisionError:
@@ -370,6 +446,10 @@ class TemplateEngine:
                 problem = _consistency_problem(inst)
                 if problem:
                     rejections[problem] += 1
+                    if problem == _INCONSISTENT:
+                        example = example or _disagreement(template, inst)
+                        if not instances and rejections[problem] >= INCONSISTENT_LIMIT:
+                            break  # the template is wrong, not unlucky: say so now
                     continue
                 if inst.row["question"] in seen:
                     rejections["duplicate question"] += 1
@@ -377,25 +457,29 @@ class TemplateEngine:
                 seen.add(inst.row["question"])
                 instances.append(inst)
         except (TemplateError, UnsafeExpressionError) as exc:
-            return InstantiationResult(template, instances, tries, rejections, str(exc))
-        error = None
-        inconsistent = rejections[_INCONSISTENT]
-        if len(instances) < n and inconsistent and inconsistent == sum(
-            c for r, c in rejections.items() if not r.startswith("condition")
-        ) and not instances:
-            error = (
-                f"{template.name}: every draw that met the conditions ({inconsistent}) gave a "
-                f"'####' number different from '#answer: {template.answer_expression}'; the "
-                f"template's #answer and its worked solution disagree, fix one of them"
-            )
-        elif len(instances) < n:
-            top = "; ".join(f"{r} ({c}x)" for r, c in rejections.most_common(3))
-            error = (
-                f"{template.name}: only {len(instances)} of {n} instances after {tries} tries "
-                f"(conditions unsatisfiable or too few distinct values). Most frequent "
-                f"rejections: {top or 'none'}"
-            )
-        return InstantiationResult(template, instances, tries, rejections, error)
+            error = str(exc)
+        if error is None and len(instances) < n:
+            inconsistent = rejections[_INCONSISTENT]
+            others = sum(c for r, c in rejections.items()
+                         if not r.startswith(("condition", "construction")))
+            if inconsistent and inconsistent == others and not instances:
+                error = (
+                    f"{template.name}: every draw that met the conditions ({inconsistent}) gave a "
+                    f"'####' number different from '#answer: {template.answer_expression}'; the "
+                    f"template's #answer and its worked solution disagree, fix one of them. "
+                    f"{example}"
+                )
+            else:
+                top = "; ".join(f"{r} ({c}x)" for r, c in rejections.most_common(3))
+                error = (
+                    f"{template.name}: only {len(instances)} of {n} instances after {tries} tries "
+                    f"(conditions unsatisfiable or too few distinct values). Most frequent "
+                    f"rejections: {top or 'none'}" + (f". {example}" if example else "")
+                )
+        return InstantiationResult(template, instances, tries, rejections, error,
+                                   seconds=time.perf_counter() - start,
+                                   sampler="construct" if plan is not None else "reject",
+                                   switched_at=switched_at)
 
     @staticmethod
     def _evaluate(evaluator: SafeEvaluator, source: str, template: Template, where: str) -> Any:
@@ -418,20 +502,25 @@ def _in_arithmetic(text: str, m: re.Match) -> bool:
     return before.rfind("<<") > before.rfind(">>")
 
 
-def _labeled(value: Any) -> Any:
-    """(text, number) pairs from pools become Labeled: text in questions, number in arithmetic."""
-    if (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and isinstance(value[0], (str, int))
-        and isinstance(value[1], (int, float, Fraction))
-        and not isinstance(value[1], bool)
-    ):
-        return Labeled(str(value[0]), value[1])
-    return value
-
-
 _INCONSISTENT = "'####' number differs from #answer"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return format_value(value)
+
+
+def _disagreement(template: Template, inst: Instance) -> str:
+    """One concrete draw where '####' and #answer differ: the variables and both numbers."""
+    drawn = ", ".join(f"{k}={_show(v)}" for k, v in inst.variables.items())
+    solution = template.answer_annotated.rsplit("####", 1)[-1].strip()
+    gold = parse_gold(inst.row["answer"])
+    return (
+        f"For example, with {drawn}: '#answer: {template.answer_expression}' gives "
+        f"{format_value(inst.answer_value)}, but the worked solution's '#### {solution}' gives "
+        f"{format_value(gold)}"
+    )
 
 
 def _consistency_problem(inst: Instance) -> str:
@@ -451,13 +540,15 @@ def _consistency_problem(inst: Instance) -> str:
 
 
 def instantiate_templates(templates: list[Template], per_template: int, seed: int = 0,
-                          max_tries_per_instance: int = 2_000, progress: bool = True):
+                          max_tries_per_instance: int = 2_000, progress: bool = True,
+                          strategy: str = "construct"):
     """Instantiate every template: (problems of the ones that succeeded, failure messages)."""
     from tqdm import tqdm
 
     from cca_ray.data.gsm_symbolic import Problem
 
-    engine = TemplateEngine(seed=seed, max_tries_per_instance=max_tries_per_instance)
+    engine = TemplateEngine(seed=seed, max_tries_per_instance=max_tries_per_instance,
+                            strategy=strategy)
     problems: list[Problem] = []
     failures: list[str] = []
     for template in tqdm(templates, desc="instantiating templates", unit="template",

