@@ -20,7 +20,7 @@ from pathlib import Path
 def main() -> None:
     from cca_ray.config import load_config
     from cca_ray.data.answers import is_correct
-    from cca_ray.localize.pivots import OPERATION_TOKENS
+    from cca_ray.localize.pivots import pivot_kind
     from cca_ray.pipeline import Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,9 +54,7 @@ def main() -> None:
         traces = [trace(2 * i + j) for j in (0, 1)]
         right = [is_correct(t, gold[(p.template_id, p.instance_id)]) for t in traces]
         sides = [tok.decode([t]).strip() for t in (p.desired_token, p.undesired_token)]
-        kind = ("operation" if all(s in OPERATION_TOKENS for s in sides)
-                else "arithmetic" if all(s.isdigit() for s in sides) else "other")
-        rows.append((p, kind, sides, right, traces))
+        rows.append((p, pivot_kind(p, tok), sides, right, traces))
     table: dict[str, Counter] = {}
     for _, kind, _, (d, u), _ in rows:
         for k in (kind, "all"):

@@ -102,17 +102,17 @@ def split_pivots(pivots: list[Pivot], fraction: float, seed: int) -> tuple[list[
 OPERATION_TOKENS = frozenset("+-*/×÷")
 
 
+def pivot_kind(p: Pivot, tokenizer) -> str:
+    """"operation" (both sides an operation sign), "arithmetic" (digit against digit) or "other"."""
+    sides = [tokenizer.decode([t]).replace("▁", "").strip() for t in (p.desired_token, p.undesired_token)]
+    if all(s and s in OPERATION_TOKENS for s in sides):
+        return "operation"
+    return "arithmetic" if all(s.isdigit() for s in sides) else "other"
+
+
 def pivot_kinds(pivots: list[Pivot], tokenizer) -> dict[str, int]:
-    """How many pivots are decision tokens (both sides an operation sign), digit against digit
-    (arithmetic), or anything else: it tells a world whose errors are choices from one whose
-    errors are sums."""
+    """How many pivots are of each kind (pivot_kind): it tells a world whose errors are choices
+    from one whose errors are sums."""
     counts = Counter({"operation": 0, "arithmetic": 0, "other": 0})
-    for p in pivots:
-        sides = [tokenizer.decode([t]).replace("▁", "").strip() for t in (p.desired_token, p.undesired_token)]
-        if all(s and s in OPERATION_TOKENS for s in sides):
-            counts["operation"] += 1
-        elif all(s.isdigit() for s in sides):
-            counts["arithmetic"] += 1
-        else:
-            counts["other"] += 1
+    counts.update(pivot_kind(p, tokenizer) for p in pivots)
     return dict(counts)
