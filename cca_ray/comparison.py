@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from cca_ray.io import _atomic_write, write_json
+from cca_ray.io import atomic_write, write_json
 from cca_ray.sweep_report import _figure, _log_axis, _save_png
 
 LABELS = {"cca": "CCA", "full_ft": "full fine-tuning", "lora": "LoRA", "no_mask": "no mask (all parameters)",
@@ -188,6 +188,6 @@ def plot_general_deltas(r: dict, path: Path) -> None:
 def write_comparison(r: dict, out: str | Path) -> None:
     out = Path(out)
     write_json(r, out / "comparison.json")
-    _atomic_write(out / "comparison.md", lambda f: f.write(render_markdown(r)))
+    atomic_write(out / "comparison.md", lambda f: f.write(render_markdown(r)))
     plot_gain_vs_params(r, out / "plots" / "gain_vs_params_changed.png")
     plot_general_deltas(r, out / "plots" / "general_deltas.png")

@@ -20,11 +20,11 @@ class ConfigError(ValueError):
     """A config file that does not validate; one line per bad field."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = Field(BUILTIN, min_length=1, description="HF hub id, local folder, 'builtin', a packaged "
                                                        "GGUF model (smollm2-135m-instruct) or a .gguf file")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -34,7 +34,7 @@ class ModelConfig(_Section):
                                                   "the default build)")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: Literal["templates", "jsonl", "hub"] = "templates"
     path: str = Field(BUILTIN, description="templates folder / JSONL file; 'builtin' = the tiny world's; "
                                            "'basic' = everyday 1-2 step stories for small real models")
@@ -66,7 +66,7 @@ class DataConfig(_Section):
         return self
 
 
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     backend: Literal["hf", "vllm"] = "hf"
     n_samples: int = Field(10, ge=1, le=1000)
     temperature: float = Field(1.0, gt=0, le=5)
@@ -77,7 +77,7 @@ class SamplingConfig(_Section):
                                     "uses (None: vLLM's default, which keeps one core free)")
 
 
-class LocalizeConfig(_Section):
+class LocalizeConfig(Section):
     method: Literal["prefix", "branching", "branching-batched", "branching-bisect"] = "prefix"
     min_examples: int = Field(8, ge=1)
     max_examples: int | None = Field(None, ge=1, description="seeded subset cap (speed); None = all")
@@ -87,7 +87,7 @@ class LocalizeConfig(_Section):
     heldout_seed: int = Field(0, ge=0, description="seed of the train / held-out pivot split")
 
 
-class DCMConfig(_Section):
+class DCMConfig(Section):
     lambda_: float = Field(0.01, alias="lambda", ge=0, le=10)
     lr: float = Field(5e-3, gt=0, le=1)
     epochs: int = Field(50, ge=1, le=10_000)
@@ -98,7 +98,7 @@ class DCMConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
-class UpdateConfig(_Section):
+class UpdateConfig(Section):
     lr: float = Field(1e-4, gt=0, le=10)
     steps: int = Field(50, ge=1, le=100_000)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -127,7 +127,7 @@ class UpdateConfig(_Section):
         return sorted(set(self.lr_grid)) if self.lr_grid else [self.lr]
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     max_new_tokens: int = Field(1500, ge=1, le=32_768)
     general_tasks: list[str] = Field(default_factory=list)
     num_fewshot: dict[str, int] = Field(default_factory=dict)
@@ -135,14 +135,14 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(64, ge=1, description="greedy evaluation batch size")
 
 
-class Resources(_Section):
+class Resources(Section):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     threads: int | None = Field(None, ge=1, description="OMP/torch threads of the actor's process (None: "
                                                          "Ray's default, num_cpus rounded down, at least 1)")
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(Section):
     """Ray resources per actor of one model (fractions allowed: a 2-core laptop shares its CPUs)."""
 
     sampler: Resources = Field(default_factory=lambda: Resources(num_cpus=1, num_gpus=0))
@@ -152,7 +152,7 @@ class ResourcesConfig(_Section):
                              description="the Tune trial's own process (it only drives its trainer)")
 
 
-class Range(_Section):
+class Range(Section):
     low: float = Field(gt=0)
     high: float = Field(gt=0)
     log: bool = True
@@ -164,7 +164,7 @@ class Range(_Section):
         return self
 
 
-class TuneSection(_Section):
+class TuneSection(Section):
     """The per-model search (`cca-ray sweep`): DCM lambda and update lr, searched together."""
 
     lambda_: Range = Field(default_factory=lambda: Range(low=0.005, high=0.1), alias="lambda")
@@ -186,7 +186,7 @@ class TuneSection(_Section):
 METHODS = ("cca", "full_ft", "lora", "no_mask", "random")  # `cca-ray compare`'s methods
 
 
-class SFTConfig(_Section):
+class SFTConfig(Section):
     """Supervised fine-tuning baselines (full and LoRA): the method doc's section 6 numbers. Their AdamW
     lr is searched by Tune in compare.lr (full fine-tuning's default range is centred on the doc's 1e-5)."""
 
@@ -204,7 +204,7 @@ class SFTConfig(_Section):
     lora_dropout: float = Field(0.1, ge=0, lt=1)
 
 
-class MethodRanges(_Section):
+class MethodRanges(Section):
     """The lr range Tune searches for each method (None: cca and random use tune.lr)."""
 
     cca: Range | None = None
@@ -214,7 +214,7 @@ class MethodRanges(_Section):
     no_mask: Range = Field(default_factory=lambda: Range(low=1e-5, high=1e-2))
 
 
-class CompareConfig(_Section):
+class CompareConfig(Section):
     """`cca-ray compare`: every method tuned with the same number of trials, then tested alike."""
 
     methods: list[Literal["cca", "full_ft", "lora", "no_mask", "random"]] = Field(
@@ -235,7 +235,7 @@ class CompareConfig(_Section):
         return self
 
 
-class CCAConfig(_Section):
+class CCAConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -248,13 +248,13 @@ class CCAConfig(_Section):
     compare: CompareConfig = Field(default_factory=CompareConfig)
 
 
-class SweepModel(_Section):
+class SweepModel(Section):
     key: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the model's folder name")
     config: str = Field(description="its per-model config YAML, relative to the sweep file")
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged into that config")
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     models: list[SweepModel] = Field(min_length=1)
     max_concurrent_models: int = Field(2, ge=1)
 
@@ -281,7 +281,7 @@ def _field_model(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _describe(error: dict, root: type[BaseModel]) -> str:
+def describe(error: dict, root: type[BaseModel]) -> str:
     loc = tuple(error["loc"])
     field = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
@@ -303,7 +303,7 @@ def parse_config(raw: Any, source: str = "<config>") -> CCAConfig:
     try:
         return CCAConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{source}: {_describe(e, CCAConfig)}" for e in exc.errors()]
+        lines = [f"{source}: {describe(e, CCAConfig)}" for e in exc.errors()]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
@@ -342,7 +342,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, CCAConfig]]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
-        lines = [f"{path}: {_describe(e, SweepConfig)}" for e in exc.errors()]
+        lines = [f"{path}: {describe(e, SweepConfig)}" for e in exc.errors()]
         raise ConfigError("invalid sweep file:\n  " + "\n  ".join(lines)) from None
     configs = {}
     for m in sweep.models:

@@ -46,7 +46,7 @@ def _safetensors_keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def _atomic_write(path: str | Path, write, binary: bool = False) -> Path:
+def atomic_write(path: str | Path, write, binary: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -61,22 +61,6 @@ def _atomic_write(path: str | Path, write, binary: bool = False) -> Path:
     return path
 
 
-def log_to(path: str | Path) -> None:
-    """Also append the cca_ray logger's records to this file (once per process and path): every
-    actor of a model writes its decisions into the model's run.log."""
-    import logging
-
-    path = str(Path(path).resolve())
-    logger = logging.getLogger("cca_ray")
-    logger.setLevel(logging.INFO)
-    if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(message)s"))
-    logger.addHandler(handler)
-
-
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write one JSON object per line, atomically (temp file + rename)."""
 
@@ -84,17 +68,17 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write a JSON document (indented), atomically."""
-    return _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def write_text(text: str, path: str | Path) -> Path:
     """Write a text file atomically."""
-    return _atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def write_safetensors(tensors: dict[str, Any], path: str | Path) -> Path:
@@ -102,4 +86,4 @@ def write_safetensors(tensors: dict[str, Any], path: str | Path) -> Path:
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()})
-    return _atomic_write(path, lambda f: f.write(data), binary=True)
+    return atomic_write(path, lambda f: f.write(data), binary=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cca_ray.io import _atomic_write, write_json
+from cca_ray.io import atomic_write, write_json
 
 
 def _pct(x: float | None) -> str:
@@ -116,4 +116,4 @@ def _curve_lines(name: str, curves: dict) -> list[str]:
 def write_report(report: dict, out: str | Path) -> None:
     out = Path(out)
     write_json(report, out / "report.json")
-    _atomic_write(out / "report.md", lambda f: f.write(render_markdown(report)))
+    atomic_write(out / "report.md", lambda f: f.write(render_markdown(report)))

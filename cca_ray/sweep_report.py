@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cca_ray.io import _atomic_write, write_json
+from cca_ray.io import atomic_write, write_json
 
 REPORT_JSON = "sweep_report.json"
 REPORT_MD = "sweep_report.md"
@@ -134,7 +134,7 @@ def build_sweep_report(out_dir: str | Path) -> dict:
     raw = {k: results[k] for k in keys if results.get(k) is not None}
     report = {"models": models, "summary": _summary(models), "plots": write_plots(models, raw, out_dir)}
     write_json(report, out_dir / REPORT_JSON)
-    _atomic_write(out_dir / REPORT_MD, lambda f: f.write(render_sweep_markdown(report)))
+    atomic_write(out_dir / REPORT_MD, lambda f: f.write(render_sweep_markdown(report)))
     return report
 
 

@@ -14,10 +14,10 @@ from cca_ray.circuits.model import ModelSpec
 from cca_ray.circuits.prune import PruneSpec
 from cca_ray.circuits.tasks import TASKS
 from cca_ray.circuits.train import TrainSpec
-from cca_ray.config import ConfigError, Range, Resources, _describe, _Section
+from cca_ray.config import ConfigError, Range, Resources, describe, Section
 
 
-class CorpusSection(_Section):
+class CorpusSection(Section):
     """The synthetic Python-like corpus and its BPE tokenizer."""
 
     train_docs: int = Field(40_000, ge=100)
@@ -26,7 +26,7 @@ class CorpusSection(_Section):
     seed: int = Field(0, ge=0)
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     n_layer: int = Field(4, ge=1)
     d_model: int = Field(128, ge=16)
     d_head: int = Field(16, ge=1)
@@ -47,7 +47,7 @@ class ModelSection(_Section):
         return ModelSpec(vocab_size=vocab_size, **self.model_dump())
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-2, gt=0)
@@ -76,14 +76,14 @@ class TrainSection(_Section):
         return TrainSpec(l0_target=l0_target, **self.model_dump())
 
 
-class Variant(_Section):
+class Variant(Section):
     """One model to train: the sparse model and its dense twin differ only in l0_target."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     l0_target: float = Field(gt=0, le=1, description="fraction of each weight matrix kept (1.0: dense)")
 
 
-class PruneSection(_Section):
+class PruneSection(Section):
     steps: int = Field(600, ge=1)
     batch_pairs: int = Field(32, ge=1)
     train_pairs: int = Field(256, ge=2)
@@ -119,7 +119,7 @@ def _default_space() -> dict[str, Range]:
 SEARCHABLE = ("k_coef", "lr", "init_noise_scale", "init_noise_bias", "weight_decay", "temperature", "warmup")
 
 
-class SearchSection(_Section):
+class SearchSection(Section):
     """Ray Tune in CARBS's place: per (model, task), the pruning hyperparameters minimising the
     circuit size among trials that reach the target loss (the first trial is the paper's centres)."""
 
@@ -139,13 +139,13 @@ class SearchSection(_Section):
         return self
 
 
-class ReportSection(_Section):
+class ReportSection(Section):
     snippets_per_node: int = Field(5, ge=0)
     snippet_tokens: int = Field(16, ge=2)
     snippet_windows: int = Field(256, ge=1)
 
 
-class CircuitsConfig(_Section):
+class CircuitsConfig(Section):
     corpus: CorpusSection = Field(default_factory=CorpusSection)
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -199,5 +199,5 @@ def load_circuits_config(path: str | Path | None) -> CircuitsConfig:
     try:
         return CircuitsConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path}: {_describe(e, CircuitsConfig)}" for e in exc.errors()]
+        lines = [f"{path}: {describe(e, CircuitsConfig)}" for e in exc.errors()]
         raise ConfigError("invalid circuits config:\n  " + "\n  ".join(lines)) from None
