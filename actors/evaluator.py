@@ -10,7 +10,7 @@ import ray
 
 from cca_ray.config import parse_config
 from cca_ray.pipeline import Pipeline, random_selection
-from cca_ray.report import write_report
+from cca_ray.reports.run import write_report
 
 
 class Evaluator:
@@ -18,7 +18,7 @@ class Evaluator:
 
     def __init__(self, config: dict, out: str, sampler: Any = None):
         from actors.sampler import SamplerClient
-        from cca_ray.io import log_to
+        from cca_ray.logs import log_to
 
         log_to(Path(out) / "run.log")
 

@@ -21,7 +21,7 @@ class Trainer:
 
     def __init__(self, config: dict, out: str, sampler: Any = None):
         from actors.sampler import SamplerClient
-        from cca_ray.io import log_to
+        from cca_ray.logs import log_to
 
         log_to(Path(out) / "run.log")
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cca_ray import __version__
+from cca_ray.logs import setup_logging
 
 
 def _templates_path(path: str) -> Path:
@@ -134,31 +135,17 @@ def cmd_tiny_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(out: Path, name: str = "run.log") -> None:
-    """Decisions and stage reuse go to stdout and to OUT/run.log (appended across resumes)."""
-    import logging
-
-    out.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    logger = logging.getLogger("cca_ray")
-    logger.setLevel(logging.INFO)
-    logger.handlers.clear()
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(out / name)):
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole CCA pipeline on one model; resumes from OUT's stage folders."""
     import signal
 
     from cca_ray.config import load_config
     from cca_ray.pipeline import Pipeline
-    from cca_ray.report import render_markdown
+    from cca_ray.reports.run import render_markdown
 
     config = load_config(args.config)
     out = Path(args.out)
-    _setup_logging(out)
+    setup_logging(out)
     # `kill` (SIGTERM) unwinds like Ctrl-C, so the vLLM engine's worker processes are shut down too;
     # finished stages are on disk either way and a rerun resumes from them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -172,11 +159,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """The Tune search for every model of a sweep file, then the cross-model report."""
     import signal
 
-    from cca_ray.sweep_report import render_sweep_markdown
+    from cca_ray.reports.sweep import render_sweep_markdown
     from cca_ray.tune import run_sweep
 
     out = Path(args.out)
-    _setup_logging(out, "sweep.log")
+    setup_logging(out, "sweep.log")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run_sweep(args.sweep, out, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
     print(render_sweep_markdown(report))
@@ -188,13 +175,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """CCA against full fine-tuning, LoRA, no-mask and random components on one model."""
     import signal
 
-    from cca_ray.comparison import render_markdown
     from cca_ray.config import load_config
+    from cca_ray.reports.compare import render_markdown
     from cca_ray.tune import compare_model
 
     config = load_config(args.config)
     out = Path(args.out)
-    _setup_logging(out, "compare.log")
+    setup_logging(out, "compare.log")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = compare_model(config, out, resume=args.resume, progress=not args.quiet, address=args.address,
                            num_cpus=args.num_cpus)
@@ -206,7 +193,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild a sweep's cross-model report from its finished per-model results."""
     from cca_ray.config import ConfigError
-    from cca_ray.sweep_report import build_sweep_report, render_sweep_markdown
+    from cca_ray.reports.sweep import build_sweep_report, render_sweep_markdown
 
     if not Path(args.dir, "models").is_dir() and not Path(args.dir, "sweep_plan.json").is_file():
         raise ConfigError(f"{args.dir}: not a sweep folder (no models/ or sweep_plan.json); "

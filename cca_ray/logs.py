@@ -11,7 +11,8 @@ from pathlib import Path
 LOGGER = "cca_ray"
 
 
-def setup_logging(out: str | Path | None = None, name: str = "run.log", stdout: bool = True) -> logging.Logger:
+def setup_logging(out: str | Path | None = None, name: str = "run.log",
+                  stdout: bool = True) -> logging.Logger:
     """The cca_ray logger at INFO, to stdout and (with ``out``) to OUT/name, appended across resumes;
     earlier handlers are replaced (a command sets logging up once)."""
     logger = logging.getLogger(LOGGER)

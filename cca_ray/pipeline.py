@@ -27,7 +27,7 @@ from cca_ray.dcm import DCMResult, Example, learn_mask
 from cca_ray.evaluate import accuracy_report, general_deltas, general_scores, greedy_correct, mcnemar_p
 from cca_ray.io import write_json, write_jsonl
 from cca_ray.localize import LocalizationError, Pivot, localize, pivot_kinds, split_pivots
-from cca_ray.report import write_report
+from cca_ray.reports.run import write_report
 from cca_ray.sampling import make_sampler
 from cca_ray.sampling.traces import Trace, collect_traces
 from cca_ray.stages import StageStore, stage_key

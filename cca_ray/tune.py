@@ -20,7 +20,8 @@ from typing import Any
 import ray
 
 from cca_ray.config import CCAConfig, ConfigError, load_sweep, parse_config
-from cca_ray.io import log_to, write_json
+from cca_ray.io import write_json
+from cca_ray.logs import log_to
 
 log = logging.getLogger("cca_ray")
 
@@ -274,7 +275,7 @@ def run_sweep(sweep_path: str | Path, out: str | Path, resume: bool = False, add
               num_cpus: int | None = None) -> dict:
     """Every model of the sweep (concurrently up to max_concurrent_models), then the cross-model
     report. A model with a result.json is done; --resume picks up the others where they stopped."""
-    from cca_ray.sweep_report import build_sweep_report
+    from cca_ray.reports.sweep import build_sweep_report
 
     sweep, configs = load_sweep(sweep_path)
     out = Path(out).resolve()
@@ -333,9 +334,9 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
 
     from actors.evaluator import CompareEvalActor
     from actors.sampler import SamplerClient
-    from cca_ray.comparison import build_comparison, write_comparison
     from cca_ray.config import dump_config
     from cca_ray.pipeline import Pipeline, model_path
+    from cca_ray.reports.compare import build_comparison, write_comparison
 
     start = time.time()
     root = Path(out).resolve()

@@ -103,7 +103,7 @@ def test_fractions_of_components_and_parameters(compared, small_model):
 
 
 def test_markdown_and_plots_come_from_the_json(compared):
-    from cca_ray.comparison import LABELS
+    from cca_ray.reports.compare import LABELS
 
     r = _report(compared)
     md = (compared / "comparison.md").read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cca_ray.comparison import build_comparison, render_markdown, template_ci
+from cca_ray.reports.compare import build_comparison, render_markdown, template_ci
 
 
 def test_template_ci_is_a_t_interval_over_per_template_differences():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cca_ray.sweep_report import build_sweep_report, render_sweep_markdown, use_log_x
+from cca_ray.reports.sweep import build_sweep_report, render_sweep_markdown, use_log_x
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

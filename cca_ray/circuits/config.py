@@ -14,7 +14,7 @@ from cca_ray.circuits.model import ModelSpec
 from cca_ray.circuits.prune import PruneSpec
 from cca_ray.circuits.tasks import TASKS
 from cca_ray.circuits.train import TrainSpec
-from cca_ray.config import ConfigError, Range, Resources, describe, Section
+from cca_ray.config import ConfigError, Range, Resources, Section, describe
 
 
 class CorpusSection(Section):

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from cca_ray.io import atomic_write, write_json
-from cca_ray.sweep_report import _figure, _log_axis, _save_png
+from cca_ray.reports.plots import figure, log_axis, save_png
 
 LABELS = {"cca": "CCA", "full_ft": "full fine-tuning", "lora": "LoRA", "no_mask": "no mask (all parameters)",
           "random": "random components"}
@@ -142,7 +142,7 @@ def render_markdown(r: dict) -> str:
 
 def plot_gain_vs_params(r: dict, path: Path) -> None:
     """Gain (with its template CI) against the fraction of parameters trained, log x."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot(1, 1, 1)
     xs = []
     for name, m in r["methods"].items():
@@ -152,19 +152,19 @@ def plot_gain_vs_params(r: dict, path: Path) -> None:
         err = None if lo is None else [[100 * (m["gain"] - lo)], [100 * (hi - m["gain"])]]
         ax.errorbar([x], [100 * m["gain"]], yerr=err, fmt="o", capsize=4, label=LABELS.get(name, name))
     ax.axhline(0, color="grey", lw=0.8)
-    _log_axis(ax, "x", xs, at_values=False)
+    log_axis(ax, "x", xs, at_values=False)
     ax.set_xlabel("fraction of parameters trained (log scale)")
     ax.set_ylabel("GSym test gain over base (points)")
     ax.set_title(f"{r['model']}: gain vs parameters changed")
     ax.legend(fontsize=8)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_general_deltas(r: dict, path: Path) -> None:
     """General-suite deltas per method and task, with standard-error bars."""
     methods = list(r["methods"])
     tasks = sorted({t for m in r["methods"].values() for t in m["general_deltas"]})
-    fig = _figure(max(6.0, 1.4 * len(methods)), 4.5)
+    fig = figure(max(6.0, 1.4 * len(methods)), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(tasks))
     for j, task in enumerate(tasks):
@@ -182,7 +182,7 @@ def plot_general_deltas(r: dict, path: Path) -> None:
     ax.set_title("general-suite regression per method")
     if tasks:
         ax.legend(fontsize=8)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def write_comparison(r: dict, out: str | Path) -> None:

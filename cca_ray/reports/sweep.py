@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from cca_ray.io import atomic_write, write_json
+from cca_ray.reports.plots import figure, log_axis, save_png
 
 REPORT_JSON = "sweep_report.json"
 REPORT_MD = "sweep_report.md"
@@ -213,48 +212,8 @@ def render_sweep_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------- plots
-
-
-def _figure(width: float = 7.0, height: float = 4.5):
-    """A matplotlib Figure on the Agg canvas: no pyplot, no display, no global backend change."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig, path: Path) -> None:
-    """Save a figure as PNG atomically (temp file + rename), like cca_ray.io's writers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
-
-
-def _log_axis(ax, which: str, values: list[float], at_values: bool) -> None:
-    """Log scale with plain labels ('0.01', not overlapping minor labels): ticks at the values
-    themselves if asked and there are few (a search grid), else at 1, 2 and 5 times the decades."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
-
-    getattr(ax, f"set_{which}scale")("log")
-    axis = getattr(ax, f"{which}axis")
-    ticks = sorted(set(values))
-    few = at_values and len(ticks) <= 8
-    axis.set_major_locator(FixedLocator(ticks) if few else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
 
 
 def use_log_x(values: list[float]) -> bool:
@@ -266,7 +225,7 @@ def plot_gain_vs_components(models: dict[str, dict], path: Path) -> None:
     """Gain in accuracy points against the fraction of components selected, one labelled point each."""
     pts = [(100 * m["components_fraction"], 100 * m["gain"], m["model"]) for m in models.values()
            if m["status"] == "finished" and m["gain"] is not None and m["components_fraction"] is not None]
-    fig = _figure()
+    fig = figure()
     ax = fig.subplots()
     if pts:
         xs = [x for x, _, _ in pts]
@@ -274,7 +233,7 @@ def plot_gain_vs_components(models: dict[str, dict], path: Path) -> None:
         for x, y, label in pts:
             ax.annotate(label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
         if use_log_x(xs):
-            _log_axis(ax, "x", xs, at_values=False)
+            log_axis(ax, "x", xs, at_values=False)
     else:
         ax.text(0.5, 0.5, "no finished model with both accuracies and a components fraction",
                 ha="center", va="center", transform=ax.transAxes)
@@ -284,7 +243,7 @@ def plot_gain_vs_components(models: dict[str, dict], path: Path) -> None:
     ax.set_ylabel("gain, CCA - base test accuracy (points)")
     ax.set_title("CCA gain vs components updated")
     ax.grid(True, alpha=0.3)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _trial_points(trials: Any) -> tuple[list[tuple[float, float, float]], list[tuple[float, float]]]:
@@ -310,7 +269,7 @@ def plot_landscape(name: str, trials: Any, path: Path) -> bool:
     scored, unscored = _trial_points(trials)
     if not scored:
         return False
-    fig = _figure(6.5, 4.5)
+    fig = figure(6.5, 4.5)
     ax = fig.subplots()
     sc = ax.scatter([p[0] for p in scored], [p[1] for p in scored], c=[100 * p[2] for p in scored],
                     cmap="viridis", s=60, edgecolors="k", linewidths=0.5, zorder=3)
@@ -322,14 +281,14 @@ def plot_landscape(name: str, trials: Any, path: Path) -> bool:
     ax.scatter([best[0]], [best[1]], marker="*", s=320, facecolors="none", edgecolors="red",
                linewidths=1.5, zorder=4, label=f"best: lambda {best[0]:.3g}, lr {best[1]:.3g}, "
                                                f"val {100 * best[2]:.1f}%")
-    _log_axis(ax, "x", [p[0] for p in scored + unscored], at_values=True)
-    _log_axis(ax, "y", [p[1] for p in scored + unscored], at_values=True)
+    log_axis(ax, "x", [p[0] for p in scored + unscored], at_values=True)
+    log_axis(ax, "y", [p[1] for p in scored + unscored], at_values=True)
     ax.set_xlabel("lambda (mask sparsity)")
     ax.set_ylabel("lr")
     ax.set_title(f"{name}: search landscape ({len(scored) + len(unscored)} trials)")
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, which="both", alpha=0.2)
-    _save_png(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -338,7 +297,7 @@ def plot_regression_deltas(models: dict[str, dict], path: Path) -> None:
     rows = [(m["model"], m["general_deltas"]) for m in models.values()
             if m["status"] == "finished" and m["general_deltas"]]
     tasks = sorted({t for _, g in rows for t, d in g.items() if d.get("delta") is not None})
-    fig = _figure(max(6.0, 2 + len(rows) * (0.6 + 0.3 * len(tasks))), 4.5)
+    fig = figure(max(6.0, 2 + len(rows) * (0.6 + 0.3 * len(tasks))), 4.5)
     ax = fig.subplots()
     if not tasks:
         ax.text(0.5, 0.5, "no general-suite tasks in any finished model", ha="center", va="center",
@@ -363,7 +322,7 @@ def plot_regression_deltas(models: dict[str, dict], path: Path) -> None:
     ax.set_ylabel("delta after CCA (points, ± stderr)")
     ax.set_title("General-suite regressions")
     ax.grid(True, axis="y", alpha=0.3)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def write_plots(models: dict[str, dict], results: dict[str, dict], out_dir: str | Path) -> list[str]:
