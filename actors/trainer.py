@@ -1,5 +1,5 @@
 """TrainerActor: one model in memory, DeepSpeed initialised when the config asks for ZeRO; runs the
-trial's DCM (mask cached per lambda in the shared stage store) and its targeted update, streaming
+trial's DCM (mask cached per lambda in the shared stage store) and one method's run, streaming
 every validation back to the Tune trial that drives it."""
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from typing import Any
 import ray
 
 from cca_ray.config import parse_config
-from cca_ray.pipeline import Pipeline
+from cca_ray.io import read_json
+from cca_ray.logs import log_to
+from cca_ray.methods import CCA, method
+from cca_ray.pipeline import evaluate
+from cca_ray.pipeline.run import Pipeline
 
 
 class Trainer:
@@ -21,31 +25,28 @@ class Trainer:
 
     def __init__(self, config: dict, out: str, sampler: Any = None):
         from actors.sampler import SamplerClient
-        from cca_ray.logs import log_to
 
         log_to(Path(out) / "run.log")
-
         c = parse_config(config)
         if c.update.zero_stage is not None:
-            from cca_ray.update.zero import deepspeed_env, init_distributed
+            from cca_ray.update.deepspeed import deepspeed_env, init_distributed
 
             deepspeed_env()
             init_distributed()
         self.pipe = Pipeline(c, out, progress=False, sampler=SamplerClient(sampler) if sampler else None)
         self.prep = self.pipe.prepare()  # reused from the store: the model's job computed it once
-        self.selected = None
+        self.mask = None
 
     def dcm(self) -> dict:
         """The mask for this config's lambda (computed by the first trial that needs it)."""
-        masks, meta = self.pipe.dcm(self.prep.pivots)
-        self.selected = {k: m > 0.5 for k, m in masks.items()}
-        return meta
+        self.mask = self.pipe.dcm(self.prep)
+        return self.mask.meta
 
-    def update(self, method: str = "cca", lr: float | None = None) -> Iterator[dict]:
-        """Runs one method (cca, random, full_ft, lora, no_mask) at lr (None: update.lr); yields
-        {"kind": "validation", step, val_accuracy} as it validates, then {"kind": "final", ...the
-        run's meta, path}. A reused run replays its stored history."""
-        if self.selected is None and method in ("cca", "random"):
+    def update(self, name: str = CCA, lr: float | None = None) -> Iterator[dict]:
+        """Runs one method (methods.py) at lr (None: update.lr); yields {"kind": "validation", step,
+        val_accuracy} as it validates, then {"kind": "final", ...the run's meta, path}. A reused run
+        replays its stored history."""
+        if self.mask is None and method(name).needs_mask:
             self.dcm()
         lr = self.pipe.config.update.lr if lr is None else lr
         events: queue.Queue = queue.Queue()
@@ -54,7 +55,7 @@ class Trainer:
 
         def work() -> None:
             try:
-                outcome["run"] = self.pipe.method_run(method, lr, self.prep, self.selected)
+                outcome["run"] = self.pipe.method_run(name, lr, self.prep, self.mask)
             except BaseException as exc:  # re-raised in the actor's thread below
                 outcome["error"] = exc
             finally:
@@ -72,20 +73,15 @@ class Trainer:
             raise outcome["error"]
         run = outcome["run"]
         if not streamed:
-            import json
-
-            history = json.loads((Path(run["path"]) / "history.json").read_text())
-            for h in history:
+            for h in read_json(Path(run["path"]) / "history.json"):
                 if "val_accuracy" in h:
-                    yield {"kind": "validation", "arm": method, "lr": run["lr"], "step": h["step"],
+                    yield {"kind": "validation", "arm": name, "lr": run["lr"], "step": h["step"],
                            "val_accuracy": h["val_accuracy"], "replayed": True}
         yield {"kind": "final", **run}
 
-    def general_deltas(self, run: dict, method: str = "cca") -> dict:
+    def general_deltas(self, run: dict, name: str = CCA) -> dict:
         """lm-eval before/after for this run's best step (the objective's regression penalty)."""
-        from cca_ray.evaluate import general_deltas
-
-        return general_deltas(self.pipe.general("base", None), self.pipe.general(method, run))
+        return evaluate.general_change(self.pipe, method(name).arm(), self.prep.base_key, run)
 
 
 TrainerActor = ray.remote(Trainer)

@@ -21,7 +21,7 @@ def main() -> None:
     from cca_ray.config import load_config
     from cca_ray.data.answers import is_correct
     from cca_ray.localize.pivots import pivot_kind
-    from cca_ray.pipeline import Pipeline
+    from cca_ray.pipeline.run import Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a `cca-ray run` output folder")
@@ -33,7 +33,7 @@ def main() -> None:
     tok = pipe.m.tokenizer
     gold = {p.key: p.gold for p in prep.splits.train}
     pivots = prep.pivots + prep.heldout
-    sampler = pipe.gen_sampler()
+    sampler = pipe.engines.gen_sampler()
     seqs = [p.prefix["token_ids"] + [t] for p in pivots for t in (p.desired_token, p.undesired_token)]
     answer_start = "A: Let's think step by step."
 

@@ -40,7 +40,7 @@ def main() -> None:
 
     import ray
 
-    from cca_ray.tune import run_sweep
+    from cca_ray.launch.sweep import run_sweep
 
     work = Path(tempfile.mkdtemp(prefix="cca-sweep-bench-"))
     ray.init(address="local", include_dashboard=False)

@@ -67,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cca_ray.data.prompts import build_prompt, solution_to_cot
     from cca_ray.data.splits import split_problems, write_splits
     from cca_ray.data.templates import instantiate_templates, load_templates
-    from cca_ray.io import write_json
+    from cca_ray.io import write_json, write_text
 
     start = time.perf_counter()
     config = load_config(args.config) if args.config else CCAConfig()
@@ -88,7 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     splits = split_problems(problems, data.split_ratios, seed=data.seed)
     write_splits(splits, out)
     example = splits.test[0]
-    (out / "prompt_example.txt").write_text(build_prompt(example.question, data.n_shots) + "\n")
+    write_text(build_prompt(example.question, data.n_shots) + "\n", out / "prompt_example.txt")
     # The reference solutions, written the way the model is prompted to answer, must all score
     # correct through the extractor: a check of the whole data path on every problem.
     scored = [(p.id, is_correct(solution_to_cot(p.answer), p.gold)) for p in splits.test]
@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from cca_ray.config import load_config
-    from cca_ray.pipeline import Pipeline
+    from cca_ray.pipeline.run import Pipeline
     from cca_ray.reports.run import render_markdown
 
     config = load_config(args.config)
@@ -159,8 +159,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """The Tune search for every model of a sweep file, then the cross-model report."""
     import signal
 
+    from cca_ray.launch.sweep import run_sweep
     from cca_ray.reports.sweep import render_sweep_markdown
-    from cca_ray.tune import run_sweep
 
     out = Path(args.out)
     setup_logging(out, "sweep.log")
@@ -176,8 +176,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import signal
 
     from cca_ray.config import load_config
+    from cca_ray.launch.compare import compare_model
     from cca_ray.reports.compare import render_markdown
-    from cca_ray.tune import compare_model
 
     config = load_config(args.config)
     out = Path(args.out)

@@ -87,3 +87,13 @@ def write_safetensors(tensors: dict[str, Any], path: str | Path) -> Path:
 
     data = save({k: v.contiguous() for k, v in tensors.items()})
     return atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON document written by write_json."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file written by write_jsonl (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -15,6 +15,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from cca_ray.io import write_json
+
 log = logging.getLogger("cca_ray")
 
 
@@ -72,7 +74,7 @@ class StageStore:
         start = time.perf_counter()
         meta = dict(compute(tmp) or {})
         meta.update(stage=name, key=key, seconds=round(time.perf_counter() - start, 2))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(meta, tmp / "meta.json")  # last: a folder without it is not a finished stage
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_pipeline import _config
 
 from cca_ray.config import parse_config
-from cca_ray.pipeline import Pipeline
+from cca_ray.pipeline.run import Pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -91,9 +91,9 @@ def test_trainer_actor_zero2_update_matches_plain_update(local_ray, small_model,
     plain_config = parse_config(raw | {"update": raw["update"] | {"zero_stage": None}})
     plain = Pipeline(plain_config, out, progress=False)
     prep = plain.prepare()
-    masks, _ = plain.dcm(prep.pivots)
+    mask = plain.dcm(prep)
     assert plain.store.computed == []  # data .. dcm were the trainer's: reused
-    run = plain.update_run("cca", {k: m > 0.5 for k, m in masks.items()}, prep.pivots, 0.05, prep.splits.val)
+    run = plain.method_run("cca", 0.05, prep, mask)
     assert run["path"] != zero_run["path"]  # a separate artifact (zero_stage is part of the key)
 
     def history(r):

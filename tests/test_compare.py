@@ -103,12 +103,12 @@ def test_fractions_of_components_and_parameters(compared, small_model):
 
 
 def test_markdown_and_plots_come_from_the_json(compared):
-    from cca_ray.reports.compare import LABELS
+    from cca_ray.reports.compare import label
 
     r = _report(compared)
     md = (compared / "comparison.md").read_text()
     for name, m in r["methods"].items():
-        row = next(line for line in md.splitlines() if line.startswith(f"| {LABELS[name]} |"))
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label(name)} |"))
         assert f"{100 * m['test_accuracy']:.2f}%" in row and f"{100 * m['gain']:+.2f}" in row
     for plot in ("gain_vs_params_changed.png", "general_deltas.png"):
         assert (compared / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

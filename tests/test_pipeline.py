@@ -162,24 +162,24 @@ def test_heldout_pivots_are_never_trained_on(finished_run):
     from cca_ray.config import load_config
     from cca_ray.dcm import learn_mask
     from cca_ray.localize import Pivot
-    from cca_ray.pipeline import Pipeline, _examples
+    from cca_ray.pipeline.run import Pipeline, pivot_examples
 
     r = json.loads((finished_run / "report.json").read_text())
     pipe = Pipeline(load_config(finished_run.parent / "config.yaml"), finished_run, progress=False)
     prep = pipe.prepare()
     assert pipe.store.computed == []
     stored = [Pivot.from_row(json.loads(line)) for line in
-              (pipe.store.path("localize", pipe.loc_key) / "localization.jsonl").read_text().splitlines()]
+              (pipe.store.path("localize", prep.loc_key) / "localization.jsonl").read_text().splitlines()]
     train = {(q.template_id, q.instance_id) for q in prep.pivots}
     held = {(q.template_id, q.instance_id) for q in prep.heldout}
     assert len(train) == len(prep.pivots) and len(held) == len(prep.heldout) == r["pivots"]["held_out"] > 0
     assert train.isdisjoint(held) and train | held == {(q.template_id, q.instance_id) for q in stored}
 
     c, pad = pipe.config.dcm, pipe.m.tokenizer.pad_token_id
-    masks, _ = pipe.dcm(prep.pivots)
+    masks = pipe.dcm(prep).masks
 
     def learnt(pivots):
-        return learn_mask(pipe.m.model, _examples(pivots), pad, lam=c.lambda_, lr=c.lr, epochs=c.epochs,
+        return learn_mask(pipe.m.model, pivot_examples(pivots), pad, lam=c.lambda_, lr=c.lr, epochs=c.epochs,
                           batch_size=c.batch_size, lr_step_epochs=c.lr_step_epochs, lr_gamma=c.lr_gamma,
                           early_stop_fraction=c.early_stop_fraction, seed=c.seed, progress=False).masks
 
@@ -193,7 +193,7 @@ def test_heldout_pivots_are_never_trained_on(finished_run):
     assert abs(train_loss - all_loss) > 1e-3
     runs = [d for d in (finished_run / "stages").glob("update-*") if "random" in d.name or "cca" in d.name]
     assert len(runs) == 6  # cca and two random seeds, two lrs each
-    no_mask = pipe.weights_run("no_mask", 0.01, prep)
+    no_mask = pipe.method_run("no_mask", 0.01, prep)
     for folder in [*runs, Path(no_mask["path"])]:
         history = json.loads((folder / "history.json").read_text())
         assert history[1]["loss"] == pytest.approx(train_loss, abs=1e-4), folder.name
@@ -220,6 +220,46 @@ def test_rerun_reuses_every_stage_and_gives_the_same_report(finished_run, small_
     before["timings"].pop("total_this_invocation")
     after["timings"].pop("total_this_invocation")
     assert before == after
+
+
+def test_stage_folders_are_the_configs_keys_and_a_change_recomputes_only_its_stages(finished_run, tmp_path):
+    """The stage folders of a real run are named by pipeline/keys.py (so test_stage_keys's table holds
+    for real runs); a copy of the run folder, rerun with another evaluation.limit, recomputes the
+    general suite and nothing else, and its report differs in the general suite only."""
+    import re
+    import shutil
+
+    from cca_ray.config import load_config
+    from cca_ray.pipeline import keys
+
+    c = load_config(finished_run.parent / "config.yaml")
+    before = json.loads((finished_run / "report.json").read_text())
+    folders = {p.name for p in (finished_run / "stages").iterdir() if p.is_dir()}
+    k = {"data": keys.data_key(c)}
+    k["base_eval"] = keys.base_key(c, k["data"])
+    k["traces"] = keys.traces_key(c, k["base_eval"], before["data"]["templates_kept"])
+    k["localize"] = keys.localize_key(c, k["traces"])
+    k["dcm"] = keys.dcm_key(c, keys.split_key(c, k["localize"]))
+    expected = {f"{name}-{key}" for name, key in k.items()}
+    for arm in ("cca", "random0", "random1"):
+        expected |= {f"update-{arm}-lr{lr:g}-{keys.rows_update_key(c, k['dcm'], arm, lr)}"
+                     for lr in (0.01, 0.05)}
+    assert expected <= folders
+
+    out = tmp_path / "moved"
+    shutil.copytree(finished_run, out)
+    raw = yaml.safe_load((finished_run.parent / "config.yaml").read_text())
+    config = _write(tmp_path, raw | {"evaluation": raw["evaluation"] | {"limit": 5}})
+    logged = len((out / "run.log").read_text())
+    assert main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    computed = re.findall(r"stage (\S+): computing", (out / "run.log").read_text()[logged:])
+    assert sorted(computed) == ["general-base", "general-cca"]
+    after = json.loads((out / "report.json").read_text())
+    assert after["general"] != before["general"]
+    for r in (before, after):
+        for field in ("general", "timings", "exports", "config"):
+            r.pop(field)
+    assert after == before
 
 
 def test_kill_during_dcm_then_rerun_resumes_and_matches(finished_run, small_model, problems_file, tmp_path):

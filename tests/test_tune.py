@@ -71,7 +71,7 @@ def _session(sid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def sweep_run(small_model, problems_file, tmp_path_factory):
-    from cca_ray.tune import run_sweep
+    from cca_ray.launch.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     sweep = _sweep_file(tmp, _model_config(small_model, problems_file, 4, 2), ["small-a", "small-b"])

@@ -23,6 +23,11 @@ class DCMError(RuntimeError):
     """DCM cannot give a usable mask (NaN loss, nothing selected, no examples)."""
 
 
+def selected_components(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The components a mask selects: round(m) == 1, i.e. m > 0.5 (the one threshold)."""
+    return {k: m > 0.5 for k, m in masks.items()}
+
+
 @dataclass
 class DCMResult:
     masks: dict[str, torch.Tensor]  # kind -> [layers, count] values in [0, 1]
@@ -34,8 +39,7 @@ class DCMResult:
 
     @property
     def selected(self) -> dict[str, torch.Tensor]:
-        """Selected components: round(m) == 1, i.e. m > 0.5."""
-        return {k: m > 0.5 for k, m in self.masks.items()}
+        return selected_components(self.masks)
 
     def summary(self) -> dict:
         sel = self.selected
@@ -95,7 +99,7 @@ def learn_mask(model, examples: list[Example], pad_id: int, lam: float = 0.01, l
                 for m in masks.values():
                     m.clamp_(0.0, 1.0)
             losses.append(loss.item())
-            count = int(sum(int((m > 0.5).sum()) for m in masks.values()))
+            count = int(sum(int(s.sum()) for s in selected_components(masks).values()))
             unchanged = unchanged + 1 if count == last_count else 0
             last_count = count
             if unchanged >= patience and count != space.total:

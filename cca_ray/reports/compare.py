@@ -11,8 +11,13 @@ from pathlib import Path
 from cca_ray.io import atomic_write, write_json
 from cca_ray.reports.plots import figure, log_axis, save_png
 
-LABELS = {"cca": "CCA", "full_ft": "full fine-tuning", "lora": "LoRA", "no_mask": "no mask (all parameters)",
-          "random": "random components"}
+
+def label(name: str) -> str:
+    """A method's name for people (methods.py's label; an unknown name as it is)."""
+    from cca_ray.methods import METHODS
+
+    return METHODS[name].label if name in METHODS else name
+
 
 
 def template_ci(method: dict[str, float], base: dict[str, float], level: float = 0.95) -> dict:
@@ -103,7 +108,7 @@ def render_markdown(r: dict) -> str:
     for name, m in r["methods"].items():
         lo, hi = m["gain_ci95"]
         ci = "" if lo is None else f" [{_pts(lo)}, {_pts(hi)}]"
-        lines.append(f"| {LABELS.get(name, name)} | {_pct(m['test_accuracy'])} | {_pts(m['gain'])}{ci} | "
+        lines.append(f"| {label(name)} | {_pct(m['test_accuracy'])} | {_pts(m['gain'])}{ci} | "
                      f"{_frac(m['components_fraction'])} | {_frac(m['params_changed_fraction'])} | "
                      f"{_frac(m['entries_changed_fraction'])} | {_general_cell(m['general_deltas'])} | "
                      f"{m['lr']:.3g} | {m['best_step']} | {m['wall_seconds'] / 60:.1f} min |")
@@ -135,7 +140,7 @@ def render_markdown(r: dict) -> str:
             if f"{other}_over_cca_params_changed" in c:
                 verdict = "n/a (CCA trains nothing)" if ratio is None else (
                     f"{ratio:,.0f}x ({'at least' if ratio >= need else 'less than'} {need}x)")
-                lines.append(f"- {LABELS[other]} trains {verdict} as many parameters as CCA.")
+                lines.append(f"- {label(other)} trains {verdict} as many parameters as CCA.")
     lines += ["", "Plots: `plots/gain_vs_params_changed.png`, `plots/general_deltas.png`."]
     return "\n".join(lines) + "\n"
 
@@ -150,7 +155,7 @@ def plot_gain_vs_params(r: dict, path: Path) -> None:
         xs.append(x)
         lo, hi = m["gain_ci95"]
         err = None if lo is None else [[100 * (m["gain"] - lo)], [100 * (hi - m["gain"])]]
-        ax.errorbar([x], [100 * m["gain"]], yerr=err, fmt="o", capsize=4, label=LABELS.get(name, name))
+        ax.errorbar([x], [100 * m["gain"]], yerr=err, fmt="o", capsize=4, label=label(name))
     ax.axhline(0, color="grey", lw=0.8)
     log_axis(ax, "x", xs, at_values=False)
     ax.set_xlabel("fraction of parameters trained (log scale)")
@@ -177,7 +182,7 @@ def plot_general_deltas(r: dict, path: Path) -> None:
                capsize=3, label=task)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels([LABELS.get(m, m) for m in methods], rotation=15, fontsize=8)
+    ax.set_xticklabels([label(m) for m in methods], rotation=15, fontsize=8)
     ax.set_ylabel("delta after - before (points)")
     ax.set_title("general-suite regression per method")
     if tasks:

@@ -3,8 +3,133 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cca_ray.io import atomic_write, write_json
+from cca_ray.config import BUILTIN, CCAConfig
+from cca_ray.data.answers import macro_accuracy
+from cca_ray.data.gsm_symbolic import Problem
+from cca_ray.evaluate import accuracy_report, mcnemar_p
+from cca_ray.io import atomic_write, read_json, write_json
+
+if TYPE_CHECKING:
+    from cca_ray.pipeline.evaluate import ArmResult
+    from cca_ray.pipeline.run import Prepared
+
+
+def _ordered(test: list[Problem], correct: dict[tuple, bool]) -> list[bool]:
+    return [correct[p.key] for p in test]
+
+
+def _p(test: list[Problem], a: dict[tuple, bool], b: dict[tuple, bool]) -> float:
+    """Exact McNemar p of two models' per-problem test correctness."""
+    return mcnemar_p(_ordered(test, a), _ordered(test, b))
+
+
+def val_curves(runs: list[dict]) -> dict[str, list[list]]:
+    """lr -> [[step, val_accuracy], ...] of each run, read from its stored history."""
+    out = {}
+    for r in sorted(runs, key=lambda r: r["lr"]):
+        history = read_json(Path(r["path"]) / "history.json")
+        out[f"{r['lr']:g}"] = [[h["step"], h["val_accuracy"]] for h in history if "val_accuracy" in h]
+    return out
+
+
+def _best_updated(arm: ArmResult, test: list[Problem], base_test: dict, n_params: int) -> dict:
+    """report.json's best_updated entry of one arm: the best validated step >= 1 on test."""
+    r, acc = arm.updated, accuracy_report(test, arm.updated_test)["accuracy"]
+    return {"step": r["best_updated_step"], "lr": r["lr"], "val_accuracy": r["best_updated_val"],
+            "test_accuracy": acc, "delta_vs_base": acc - accuracy_report(test, base_test)["accuracy"],
+            "p_value_vs_base": _p(test, arm.updated_test, base_test),
+            "params_changed": r["trainable_parameters"],
+            "params_changed_fraction": r["trainable_parameters"] / n_params}
+
+
+def _pivot_entry(arm: ArmResult) -> dict:
+    """Pivot diagnostics of an arm's chosen step and of its best updated step."""
+    b, u = arm.best, arm.updated
+    return {"lr": b["lr"], "step": b["best_step"], **b["pivots"]["best"],
+            "best_updated": {"lr": u["lr"], "step": u["best_updated_step"], **u["pivots"]["best_updated"]}}
+
+
+def pivots_report(c: CCAConfig, prep: Prepared, cca: ArmResult, randoms: list[ArmResult]) -> dict:
+    """report.json's pivots: split sizes, and the logit-difference statistics of the base, CCA and each
+    random seed on the train and the held-out pivots."""
+    return {"train": len(prep.pivots), "held_out": len(prep.heldout),
+            "heldout_fraction": c.localize.heldout_fraction, "seed": c.localize.heldout_seed,
+            "base": cca.best["pivots"]["base"], "cca": _pivot_entry(cca),
+            "random": [{"seed": s} | _pivot_entry(a) for s, a in enumerate(randoms)]}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def build_report(c: CCAConfig, model_path: str, n_params: int, prep: Prepared, dcm_meta: dict, space,
+                 cca: ArmResult, randoms: list[ArmResult], general: dict, timings: dict,
+                 exported: dict) -> dict:
+    """report.json: every number of the run, fractions in [0, 1]."""
+    splits, correct, kept, loc_meta = prep.splits, prep.correct, prep.kept, prep.loc_meta
+    template_acc = prep.template_acc
+    test, base_test, best_cca = splits.test, prep.correct["test"], cca.best
+    base_rep = accuracy_report(test, base_test)
+    cca_rep = accuracy_report(test, cca.test)
+    rand_reps = [accuracy_report(test, a.test) for a in randoms]
+    base_v = [correct["val"][p.key] for p in splits.val]
+    selected = dcm_meta["components_selected"]
+    changed = best_cca["trainable_parameters"] if best_cca["best_step"] > 0 else 0
+    p_rand = [_p(test, cca.test, a.test) for a in randoms]
+    rand_updated = [_best_updated(a, test, base_test, n_params) for a in randoms]
+    cca_updated = _best_updated(cca, test, base_test, n_params)
+    p_rand_updated = [_p(test, cca.updated_test, a.updated_test) for a in randoms]
+    cca_updated |= {"p_value_vs_random": max(p_rand_updated) if p_rand_updated else None,
+                    "p_values_vs_each_random_seed": p_rand_updated}
+    return {
+        "model": model_path if c.model.name != BUILTIN else f"builtin ({model_path})",
+        "config": c.model_dump(by_alias=True),
+        "data": {"train": len(splits.train), "val": len(splits.val), "test": len(test),
+                 "templates_kept": [str(k) for k in kept], "template_threshold": c.data.template_threshold,
+                 "template_min_accuracy": c.data.template_min_accuracy,
+                 "template_filter_measured_on": "train+val only (test untouched)",
+                 "template_trainval_accuracy": {str(k): v for k, v in template_acc.items()}},
+        "base": {"val_accuracy": macro_accuracy(list(zip([p.id for p in splits.val], base_v, strict=True))),
+                 "test_accuracy": base_rep["accuracy"], "per_template_test": base_rep["per_template"]},
+        "cca": {"val_accuracy": best_cca["best_val"], "test_accuracy": cca_rep["accuracy"],
+                "lambda": c.dcm.lambda_, "lr": best_cca["lr"], "best_step": best_cca["best_step"],
+                "kinds_updated": list(c.update.kinds), "optimizer": c.update.optimizer,
+                "components_selected": selected, "components_total": space.total,
+                "components_fraction": selected / space.total,
+                "selected_per_kind": dcm_meta["selected_per_kind"],
+                "params_changed": changed, "params_changed_fraction": changed / n_params,
+                "p_value_vs_base": _p(test, cca.test, base_test),
+                "p_value_vs_random": max(p_rand) if p_rand else None,
+                "p_values_vs_each_random_seed": p_rand,
+                "delta_vs_base": cca_rep["accuracy"] - base_rep["accuracy"],
+                "lr_search": [{"lr": r["lr"], "best_val": r["best_val"], "best_step": r["best_step"],
+                               "best_updated_val": r["best_updated_val"],
+                               "best_updated_step": r["best_updated_step"]} for r in cca.runs],
+                "best_updated": cca_updated, "val_curves": val_curves(cca.runs),
+                "per_template_test": cca_rep["per_template"]},
+        "random_control": {"test_accuracy": _mean([r["accuracy"] for r in rand_reps]),
+                           "best_updated": {key: _mean([u[key] for u in rand_updated])
+                                            for key in ("val_accuracy", "test_accuracy")},
+                           "seeds": [{"seed": s, "test_accuracy": rep["accuracy"],
+                                      "val_accuracy": a.best["best_val"],
+                                      "lr": a.best["lr"], "best_step": a.best["best_step"],
+                                      "best_updated": u, "val_curves": val_curves(a.runs)}
+                                     for s, (rep, a, u) in enumerate(zip(rand_reps, randoms, rand_updated,
+                                                                         strict=True))]},
+        "pivots": pivots_report(c, prep, cca, randoms),
+        "localization": {"method": loc_meta["method"], "examples": loc_meta["examples"],
+                         "dropped": loc_meta["dropped"],
+                         "generated_tokens": loc_meta.get("generated_tokens"),
+                         "pivot_kinds": loc_meta.get("pivot_kinds")},
+        "general": general,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "exports": exported,
+    }
+
+
+# ---- report.md
 
 
 def _pct(x: float | None) -> str:

@@ -1,0 +1,166 @@
+"""The update stages of a run, one run at one lr each, cached in the stage store: a row update on
+a selection (CCA's or a random one), CCA's loss on every parameter (no mask), and supervised
+fine-tuning (full or LoRA). Each validates on GSym-Val through the run's engines and keeps its
+best step; methods.py says which method uses which."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from cca_ray.components import component_space
+from cca_ray.data.answers import macro_accuracy
+from cca_ray.data.gsm_symbolic import Problem
+from cca_ray.io import write_json
+from cca_ray.localize import Pivot
+from cca_ray.methods import method
+from cca_ray.pipeline import keys
+from cca_ray.pipeline.run import Mask, Pipeline, Prepared, pivot_examples
+from cca_ray.update import RowDeltas, selected_rows, targeted_update
+from cca_ray.update.diagnostics import pivot_diagnostics
+
+
+def update_subset(pivots: list[Pivot], max_examples: int | None) -> list[Pivot]:
+    """The train pivots an update steps on: all, or a seeded subset of ``max_examples`` (in their
+    order). DCM learns its mask on every train pivot; each update step is a full-batch pass, so a
+    subset keeps it affordable."""
+    if not max_examples or len(pivots) <= max_examples:
+        return pivots
+    keep = set(random.Random(0).sample(range(len(pivots)), max_examples))
+    return [p for i, p in enumerate(pivots) if i in keep]
+
+
+def validator(pipe: Pipeline, arm: str, lr: float, val: list[Problem], steps: list[int],
+              pushed: set[str] | None = None) -> Callable[[dict[str, torch.Tensor]], float]:
+    """validate(weights) for an update: push the weights to the engine, macro val accuracy, and
+    tell pipe.on_validation at each scheduled step; ``pushed`` collects the names sent."""
+    marks = iter(steps)
+
+    def val_acc(weights: dict[str, torch.Tensor]) -> float:
+        pipe.engines.push(weights)
+        if pushed is not None:
+            pushed.update(weights)
+        correct = pipe.engines.greedy(val, "val")
+        acc = macro_accuracy([(q.id, correct[q.key]) for q in val])
+        if pipe.on_validation is not None:
+            pipe.on_validation({"arm": arm, "lr": lr, "step": next(marks), "val_accuracy": acc})
+        return acc
+
+    return val_acc
+
+
+def _save_deltas(deltas: list[torch.Tensor], path: Path) -> None:
+    save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(deltas)}, str(path))
+
+
+def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tensor], mask: Mask,
+             prep: Prepared, lr: float) -> dict:
+    """One targeted update of method ``name`` (its run ``arm``: CCA, or a random seed) at one lr on the
+    train pivots; stores the deltas
+    of the best step (step 0 included) and of the best step >= 1, and the pivot diagnostics of both
+    on the train and the held-out pivots."""
+    c, u = pipe.config, pipe.config.update
+    key = keys.rows_update_key(c, mask.key, arm, lr)
+    name = f"update-{arm}-lr{lr:g}"
+    kind = method(name)
+
+    def compute(tmp: Path) -> dict:
+        model, pad = pipe.m.model, pipe.m.tokenizer.pad_token_id
+        rows = selected_rows(model, component_space(model, c.model.architecture), selected, u.kinds)
+        val_acc = validator(pipe, arm, lr, prep.splits.val, kind.schedule(c))
+        examples = pivot_examples(update_subset(prep.pivots, u.max_examples))
+        common = dict(lr=lr, steps=u.steps, optimizer=u.optimizer, micro_batch_size=u.micro_batch_size,
+                      progress=pipe.progress, desc=name)
+        try:
+            if u.zero_stage is None:
+                res = targeted_update(model, RowDeltas(model, rows), examples, pad, val_acc, **common)
+            else:
+                from cca_ray.update.deepspeed import zero_targeted_update
+
+                res = zero_targeted_update(model, rows, examples, pad, val_acc, zero_stage=u.zero_stage,
+                                           **common)
+        finally:
+            params = dict(model.named_parameters())
+            pipe.engines.push({n: params[n] for n in rows})  # the engine back to the base weights
+        _save_deltas(res.best, tmp / "best_deltas.safetensors")
+        _save_deltas(res.last, tmp / "last_deltas.safetensors")
+        _save_deltas(res.best_updated, tmp / "best_updated_deltas.safetensors")
+        save_file(dict(rows), str(tmp / "rows.safetensors"))
+        write_json(res.history, tmp / "history.json")
+        diagnostics = pivot_diagnostics(
+            model, rows, {"best": res.best, "best_updated": res.best_updated},
+            {"train": examples, "held_out": pivot_examples(prep.heldout)}, pad, u.micro_batch_size)
+        return {"arm": arm, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,
+                "best_updated_step": res.best_updated_step, "best_updated_val": res.best_updated_val,
+                "trainable_parameters": res.trainable_parameters,
+                "changed_parameters": sum(int((d != 0).sum()) for d in res.best), "pivots": diagnostics}
+
+    path, meta = pipe.store.run(name, key, compute)
+    pipe.timed(kind.timing, meta)
+    return meta | {"path": str(path)}
+
+
+def _weights_stage(pipe: Pipeline, name: str, lr: float, key: str, prep: Prepared,
+                   train: Callable[[Callable], object]) -> dict:
+    """A whole-parameter baseline's stage: ``train(validate)`` returns the result; the best step's
+    changed weights (LoRA: merged) are stored as best_weights.safetensors."""
+    m = method(name)
+    stage = f"update-{name}-lr{lr:g}"
+
+    def compute(tmp: Path) -> dict:
+        pushed: set[str] = set()
+        try:
+            res = train(validator(pipe, name, lr, prep.splits.val, m.schedule(pipe.config), pushed))
+        finally:
+            params = dict(pipe.m.model.named_parameters())
+            pipe.engines.push({n: params[n] for n in pushed})  # the engine back to the base weights
+        save_file({n: w.contiguous() for n, w in res.best.items()}, str(tmp / "best_weights.safetensors"))
+        write_json(res.history, tmp / "history.json")
+        return {"arm": name, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,
+                "trainable_parameters": res.trainable_parameters,
+                "changed_parameters": res.changed_parameters}
+
+    path, meta = pipe.store.run(stage, key, compute)
+    pipe.timed(m.timing, meta)
+    return meta | {"path": str(path)}
+
+
+def nomask_run(pipe: Pipeline, name: str, lr: float, prep: Prepared) -> dict:
+    """CCA's logit-difference update on every parameter (what the localisation buys)."""
+    from cca_ray.update.nomask import all_parameter_update
+
+    c, u = pipe.config, pipe.config.update
+
+    def train(validate):
+        examples = pivot_examples(update_subset(prep.pivots, u.max_examples))
+        return all_parameter_update(pipe.m.model, examples, pipe.m.tokenizer.pad_token_id, validate, lr=lr,
+                                    steps=u.steps, progress=pipe.progress, desc=f"update-{name}-lr{lr:g}",
+                                    micro_batch_size=u.micro_batch_size)
+
+    return _weights_stage(pipe, name, lr, keys.nomask_key(c, prep.split_key, name, lr), prep, train)
+
+
+def sft_run(pipe: Pipeline, name: str, lr: float, prep: Prepared, lora: bool) -> dict:
+    """Supervised fine-tuning on the kept templates' GSym-Train reference answers (full or LoRA)."""
+    from cca_ray.update.sft import finetune, sft_examples
+
+    c, s = pipe.config, pipe.config.compare.sft
+
+    def train(validate):
+        kept = set(prep.kept)
+        problems = [q for q in prep.splits.train if q.id in kept]
+        examples = sft_examples(problems, pipe.m.prompt(c), pipe.m.tokenizer, s.max_length)
+        return finetune(pipe.m.model, examples, pipe.m.tokenizer.pad_token_id, validate,
+                        method="lora" if lora else "full", lr=lr, steps=s.steps, batch_size=s.batch_size,
+                        weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
+                        warmup_fraction=s.warmup_fraction, eval_every=s.eval_every, seed=c.data.seed,
+                        lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                        zero_stage=None if lora else s.zero_stage, progress=pipe.progress,
+                        desc=f"update-{name}-lr{lr:g}")
+
+    key = keys.sft_key(c, prep.base_key, prep.kept, name, lr, lora)
+    return _weights_stage(pipe, name, lr, key, prep, train)
