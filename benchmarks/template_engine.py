@@ -2,7 +2,7 @@
 
 Instantiates the 100 GSM-Symbolic templates of ../shared (50 instances each by default) once
 with the default sampler (rejection, with construction taking over when few draws meet the
-conditions: cca_ray/data/template_sampler.py) and once with rejection only, under the same try
+conditions: cca_ray/data/construction_plan.py) and once with rejection only, under the same try
 budget, and prints for each: templates that reached the requested count, total tries, wall
 seconds and instances per second, then the ratios, overall and on the templates where
 construction took over. Without ../shared it says so and runs one built-in tight-divisibility
@@ -19,34 +19,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cca_ray.data.templates import (
-    InstantiationResult,
-    Template,
-    TemplateEngine,
-    load_templates,
-    parse_template,
-)
+from cca_ray.data.example_templates import TIGHT_DIVISIBILITY
+from cca_ray.data.template_parsing import Template, load_templates, parse_template
+from cca_ray.data.templates import InstantiationResult, TemplateEngine
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "gsm-symbolic" / "templates" / "symbolic"
-TIGHT = {  # 1/lcm of the two denominators of t's coefficients: about 1 draw in 150 is accepted
-    "id": "tight-divisibility",
-    "question_annotated": (
-        "{name,Ann} has {t,504} stamps and gives {frac1,1/7} of them to Bo and {frac2,1/8} of "
-        "them to Cy. How many stamps are given away?\n\n#init:\n- name = sample(names)\n"
-        "- $t = range(1, 2000)\n"
-        "- $frac1 = [Fraction(1, 7), Fraction(2, 9), Fraction(3, 11), Fraction(5, 13), "
-        "Fraction(4, 17)]\n"
-        "- $frac2 = [Fraction(1, 8), Fraction(3, 10), Fraction(2, 15), Fraction(5, 19), "
-        "Fraction(6, 23)]\n\n#conditions:\n- is_int(frac1 * t)\n- is_int(frac2 * t)\n\n"
-        "#answer: frac1 * t + frac2 * t"
-    ),
-    "answer_annotated": (
-        "Bo gets {frac1} * {t} = <<{frac1}*{t}={frac1*t}>>{frac1*t} stamps and Cy gets {frac2} * "
-        "{t} = <<{frac2}*{t}={frac2*t}>>{frac2*t} stamps, {frac1*t + frac2*t} in all.\n"
-        "#### {frac1*t + frac2*t}"
-    ),
-}
 
 
 @dataclass
@@ -105,7 +83,7 @@ def main() -> None:
     else:
         print(f"skipped the GSM-Symbolic comparison: {SHARED} is not present (only the project's "
               f"workspace has ../shared); running one built-in tight-divisibility template")
-        templates = [parse_template(TIGHT, "built-in")]
+        templates = [parse_template(TIGHT_DIVISIBILITY, "built-in")]
     sys.stdout.flush()
     kwargs = {"seed": args.seed, "max_tries_per_instance": args.max_tries_per_instance}
     construct = run("construct", TemplateEngine(**kwargs), templates, n)

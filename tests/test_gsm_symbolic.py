@@ -7,7 +7,8 @@ import json
 import pytest
 
 from cca_ray.data.gsm_symbolic import DataError, Problem, load_jsonl, write_problems
-from cca_ray.data.templates import TemplateEngine, load_templates
+from cca_ray.data.template_parsing import load_templates
+from cca_ray.data.templates import TemplateEngine
 
 
 @pytest.fixture

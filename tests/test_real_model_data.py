@@ -12,7 +12,8 @@ from cca_ray.config import ConfigError, parse_config
 from cca_ray.data.basic_templates import BASIC_DIR, STORIES, template_folder, template_json
 from cca_ray.data.safe_eval import SafeEvaluator
 from cca_ray.data.template_filter import select_templates
-from cca_ray.data.templates import instantiate_templates, load_templates
+from cca_ray.data.template_parsing import load_templates
+from cca_ray.data.templates import instantiate_templates
 from cca_ray.evaluate.facts import TASKS, fact_rows, write_fact_tasks
 
 

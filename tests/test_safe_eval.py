@@ -9,7 +9,8 @@ from fractions import Fraction
 import pytest
 
 from cca_ray.data.pools import POOLS
-from cca_ray.data.safe_eval import Labeled, UnsafeExpressionError, safe_eval
+from cca_ray.data.safe_eval import safe_eval
+from cca_ray.data.template_functions import Labeled, UnsafeExpressionError
 
 
 @pytest.mark.parametrize(

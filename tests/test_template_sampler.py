@@ -1,6 +1,7 @@
-"""Sampling template variables by construction (cca_ray/data/template_sampler.py): tight
-conditions filled where rejection runs out of tries, exact enumeration equal to brute force,
-uniform exact draws, determinism, clear errors, and the built-in world's draws unchanged."""
+"""Sampling template variables by construction (cca_ray/data/construction_plan.py, built by
+template_analysis.py): tight conditions filled where rejection runs out of tries, exact
+enumeration equal to brute force, uniform exact draws, determinism, clear errors, and the
+built-in world's draws unchanged."""
 
 from __future__ import annotations
 
@@ -13,30 +14,17 @@ from fractions import Fraction
 import pytest
 
 from cca_ray.data.answers import parse_gold
+from cca_ray.data.construction_plan import multiples
+from cca_ray.data.example_templates import TIGHT_DIVISIBILITY
 from cca_ray.data.pools import POOLS
-from cca_ray.data.safe_eval import SafeEvaluator, make_functions, unwrap
-from cca_ray.data.template_sampler import _multiples, build_plan
-from cca_ray.data.templates import TemplateEngine, load_templates, parse_template
+from cca_ray.data.safe_eval import SafeEvaluator
+from cca_ray.data.template_analysis import build_plan
+from cca_ray.data.template_functions import make_functions, unwrap
+from cca_ray.data.template_parsing import load_templates, parse_template
+from cca_ray.data.templates import TemplateEngine
 
-# t must be a multiple of both coefficients' denominators: about 1 draw in 150 is accepted.
-TIGHT = {
-    "id": "tight",
-    "question_annotated": (
-        "{name,Ann} has {t,504} stamps and gives {frac1,1/7} of them to Bo and {frac2,1/8} of "
-        "them to Cy. How many stamps are given away?\n\n#init:\n- name = sample(names)\n"
-        "- $t = range(1, 2000)\n"
-        "- $frac1 = [Fraction(1, 7), Fraction(2, 9), Fraction(3, 11), Fraction(5, 13), "
-        "Fraction(4, 17)]\n"
-        "- $frac2 = [Fraction(1, 8), Fraction(3, 10), Fraction(2, 15), Fraction(5, 19), "
-        "Fraction(6, 23)]\n\n#conditions:\n- is_int(frac1 * t)\n- is_int(frac2 * t)\n\n"
-        "#answer: frac1 * t + frac2 * t"
-    ),
-    "answer_annotated": (
-        "Bo gets {frac1} * {t} = <<{frac1}*{t}={frac1*t}>>{frac1*t} stamps and Cy gets {frac2} * "
-        "{t} = <<{frac2}*{t}={frac2*t}>>{frac2*t} stamps, {frac1*t + frac2*t} in all.\n"
-        "#### {frac1*t + frac2*t}"
-    ),
-}
+# t must be a multiple of both coefficients' denominators; the id seeds the engine's draws
+TIGHT = {**TIGHT_DIVISIBILITY, "id": "tight"}
 BUDGET = {"max_tries_per_instance": 40, "min_tries": 0}  # 2,000 tries for 50 instances
 
 
@@ -169,7 +157,7 @@ def test_multiples_in_a_range_match_brute_force():
         start, step = rng.randint(-60, 60), rng.choice([1, 2, 3, 5, 10, -1, -4])
         domain = range(start, start + step * rng.randint(0, 80), step)
         q = rng.randint(1, 50)
-        assert list(_multiples(domain, q)) == [i for i, v in enumerate(domain) if v % q == 0]
+        assert list(multiples(domain, q)) == [i for i, v in enumerate(domain) if v % q == 0]
 
 
 def test_unsatisfiable_conditions_are_proven_by_enumeration():

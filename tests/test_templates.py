@@ -9,14 +9,10 @@ import pytest
 
 from cca_ray.data.answers import parse_gold
 from cca_ray.data.pools import POOLS
-from cca_ray.data.safe_eval import SafeEvaluator, UnsafeExpressionError, make_functions, unwrap
-from cca_ray.data.templates import (
-    QUESTION_SLOT,
-    TemplateEngine,
-    TemplateError,
-    load_templates,
-    parse_template,
-)
+from cca_ray.data.safe_eval import SafeEvaluator
+from cca_ray.data.template_functions import UnsafeExpressionError, make_functions, unwrap
+from cca_ray.data.template_parsing import QUESTION_SLOT, TemplateError, load_templates, parse_template
+from cca_ray.data.templates import TemplateEngine
 
 PER_TEMPLATE = 50
 

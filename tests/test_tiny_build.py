@@ -65,10 +65,10 @@ def test_training_stories_hold_the_competitor_in_a_biased_minority():
     assert summary["competitor_share_other_items"] < 0.15
     for p in train:  # a story's solution is consistent with its own operations
         from cca_ray.data.answers import parse_gold
-        from cca_ray.tiny.build import _OPS, _STEP
+        from cca_ray.tiny.build import OPERATIONS, STEP_LINE
 
-        steps = _STEP.findall(math_text(p))
-        assert steps and all(_OPS[op](int(a), int(b)) == int(c) for a, op, b, c in steps)
+        steps = STEP_LINE.findall(math_text(p))
+        assert steps and all(OPERATIONS[op](int(a), int(b)) == int(c) for a, op, b, c in steps)
         assert int(steps[-1][3]) == parse_gold(p.answer)
 
 

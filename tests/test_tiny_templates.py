@@ -8,7 +8,8 @@ import re
 import pytest
 
 from cca_ray.data.answers import parse_gold
-from cca_ray.data.templates import TemplateEngine, load_templates
+from cca_ray.data.template_parsing import load_templates
+from cca_ray.data.templates import TemplateEngine
 
 PER_TEMPLATE = 600
 NUMBER = re.compile(r"\d+")

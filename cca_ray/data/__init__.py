@@ -6,7 +6,8 @@ from cca_ray.data.gsm_symbolic import DataError, Problem, load_hub, load_jsonl, 
 from cca_ray.data.prompts import build_prompt, gsm8k_cot_exemplars
 from cca_ray.data.splits import Splits, split_problems, write_splits
 from cca_ray.data.template_filter import select_templates, template_accuracies
-from cca_ray.data.templates import TemplateEngine, TemplateError, load_templates, parse_template
+from cca_ray.data.template_parsing import TemplateError, load_templates, parse_template
+from cca_ray.data.templates import TemplateEngine
 
 __all__ = [
     "DataError", "Problem", "Splits", "TemplateEngine", "TemplateError", "build_prompt",

@@ -9,8 +9,9 @@ rewrites the JSON files in cca_ray/data/basic/ (a test checks they match).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from cca_ray.data.template_parsing import write_template_folder
 
 BASIC_DIR = Path(__file__).parent / "basic"
 ITEMS = '["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards"]'
@@ -114,13 +115,7 @@ def template_json(story: tuple[str, str, list[str], list[str], str, str]) -> dic
 
 def write_templates(out: Path = BASIC_DIR) -> list[Path]:
     """(Re)write one JSON file per story into out."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for story in STORIES:
-        path = out / f"{story[0]}.json"
-        path.write_text(json.dumps(template_json(story), indent=2) + "\n", encoding="utf-8")
-        paths.append(path)
-    return paths
+    return write_template_folder((template_json(story) for story in STORIES), out)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import yaml
-
-from cca_ray.io import write_jsonl
+from cca_ray.evaluate.local_tasks import TRUTHFUL_MC1, choice_task, short_answer_task, write_local_tasks
 
 # (country, capital, language)
 COUNTRIES = [
@@ -108,39 +106,11 @@ def fact_rows(seed: int = 0) -> dict[str, list[dict]]:
 
 def write_fact_tasks(out_dir: str | Path, seed: int = 0) -> Path:
     """JSONL data and lm-eval task YAMLs (absolute data paths) in out_dir/tasks."""
-    tasks = Path(out_dir).resolve() / "tasks"
-    tasks.mkdir(parents=True, exist_ok=True)
-    for name, rows in fact_rows(seed).items():
-        write_jsonl(rows, tasks / f"{name}.jsonl")
-    common = {"dataset_path": "json", "test_split": "test", "num_fewshot": 0}
+    question = "Question: {{question}}\nAnswer:"
     specs = {
-        "facts_mmlu": {  # scored by option text, as lm-eval's mmlu_continuation does
-            "output_type": "multiple_choice",
-            "doc_to_text": "Question: {{question}}\nAnswer:",
-            "doc_to_choice": "{{choices}}",
-            "doc_to_target": "answer",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        },
-        "facts_trivia": {
-            "output_type": "generate_until",
-            "doc_to_text": "Question: {{question}}\nAnswer:",
-            "doc_to_target": "{{answer}}",
-            "generation_kwargs": {"until": ["\n", "."], "do_sample": False, "max_gen_toks": 8},
-            "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
-                                                         {"function": "take_first"}]}],
-            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                             "ignore_case": True, "ignore_punctuation": True}],
-        },
-        "facts_truthful": {
-            "output_type": "multiple_choice",
-            "doc_to_text": "Question: {{question}}\nAnswer:",
-            "doc_to_choice": "{{mc1_targets.choices}}",
-            "doc_to_target": 0,
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        },
+        # scored by option text, as lm-eval's mmlu_continuation does
+        "facts_mmlu": choice_task(question, "{{choices}}", "answer"),
+        "facts_trivia": short_answer_task(question),
+        "facts_truthful": TRUTHFUL_MC1,
     }
-    for name, spec in specs.items():
-        body = {"task": name, **common, **spec,
-                "dataset_kwargs": {"data_files": {"test": str(tasks / f"{name}.jsonl")}}}
-        (tasks / f"{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
-    return tasks
+    return write_local_tasks(out_dir, fact_rows(seed), specs)

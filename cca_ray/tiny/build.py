@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,13 +24,8 @@ from cca_ray.data.answers import macro_accuracy, per_template_accuracy
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import build_prompt, solution_to_cot
 from cca_ray.data.splits import Splits, split_problems
-from cca_ray.data.templates import (
-    Instance,
-    Template,
-    TemplateEngine,
-    instantiate_templates,
-    load_templates,
-)
+from cca_ray.data.template_parsing import Template, load_templates
+from cca_ray.data.templates import Instance, TemplateEngine, instantiate_templates
 from cca_ray.io import write_json
 from cca_ray.tiny import TEMPLATES_DIR
 from cca_ray.tiny.model import TinySpec, make_model, train
@@ -42,6 +38,9 @@ from cca_ray.tiny.world import (
     training_texts,
     write_eval_tasks,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 N_SHOTS = 0  # the tiny model is trained and prompted zero-shot (the 8 exemplars' words are
 #              outside its world); the prompt is still the data layer's, with n_shots=0.
@@ -88,7 +87,8 @@ def is_built(path: Path) -> bool:
     return (path / "build_report.json").is_file() and (path / "model.safetensors").is_file()
 
 
-def world_data(settings: BuildSettings, progress: bool = True):
+def world_data(settings: BuildSettings, progress: bool = True
+               ) -> tuple[list[Template], set, Splits, list[Problem]]:
     """(templates, held-out ids, eval splits, training problems). Training stories are fresh
     instances of the seen templates: no train, val or test question of the evaluation splits (the
     problems CCA later trains and validates on) and no held-out template is ever trained on. Their
@@ -131,7 +131,7 @@ def world_summary(train_problems: list[Problem]) -> dict:
     decisions = template_decisions()
     counts = {"biased": [0, 0], "other": [0, 0]}  # [competitor, total]
     for p in train_problems:
-        steps = _STEP.findall(solution_to_cot(p.answer))
+        steps = STEP_LINE.findall(solution_to_cot(p.answer))
         item = "biased" if any(f" {i}." in p.answer for i in BIASED_ITEMS) else "other"
         for i, d in enumerate(decisions.get(str(p.id), [])):
             if d["competitor"] and i < len(steps):
@@ -170,9 +170,10 @@ def math_text(p: Problem) -> str:
     return "".join(math_example(p))
 
 
-def greedy_correct(model, tokenizer, problems: list[Problem], settings: BuildSettings,
-                   progress: bool = True, desc: str = "greedy eval") -> dict[tuple, bool]:
-    """(id, instance) -> whether the greedy completion's answer is right."""
+def zero_shot_greedy_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                             problems: list[Problem], settings: BuildSettings, progress: bool = True,
+                             desc: str = "greedy eval") -> dict[tuple, bool]:
+    """(id, instance) -> whether the in-memory model's greedy zero-shot answer is right."""
     from cca_ray.evaluate import greedy_correct as score
     from cca_ray.sampling.hf import HFSampler
 
@@ -181,7 +182,8 @@ def greedy_correct(model, tokenizer, problems: list[Problem], settings: BuildSet
     return score(sampler, problems, lambda q: build_prompt(q, N_SHOTS), desc)
 
 
-def general_scores(model, tokenizer, tasks_dir: Path, batch_size: int = 32) -> dict:
+def world_task_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks_dir: Path,
+                      batch_size: int = 32) -> dict:
     """The three local lm-eval tasks on the in-memory model: score, standard error, chance."""
     from cca_ray.evaluate import general_scores as scores
 
@@ -262,8 +264,9 @@ def _build(out: Path, settings: BuildSettings, progress: bool) -> Path:
     return out
 
 
-def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: BuildSettings,
-                   tasks_dir: Path, progress: bool = True) -> dict:
+def evaluate_world(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, splits: Splits,
+                   held_out: set, settings: BuildSettings, tasks_dir: Path,
+                   progress: bool = True) -> dict:
     """Greedy accuracy (test split, seen vs held-out templates; train+val per template for the
     template filter), where the test errors fall (arithmetic or decisions) and the general tasks."""
     from cca_ray.data.answers import is_correct
@@ -277,7 +280,7 @@ def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: Bu
     seen_test = [(p.id, test_correct[p.key]) for p in splits.test if p.id not in held_out]
     held_test = [(p.id, test_correct[p.key]) for p in splits.test if p.id in held_out]
     trainval = [p for p in splits.train + splits.val if p.id not in held_out]
-    tv_correct = greedy_correct(model, tokenizer, trainval, settings, progress, "train+val")
+    tv_correct = zero_shot_greedy_correct(model, tokenizer, trainval, settings, progress, "train+val")
     tv_acc = per_template_accuracy((p.id, tv_correct[p.key]) for p in trainval)
     return {
         "trainval_accuracy_seen_templates": macro_accuracy(
@@ -291,12 +294,12 @@ def evaluate_world(model, tokenizer, splits: Splits, held_out: set, settings: Bu
         "templates_below_threshold": sorted(str(t) for t, a in tv_acc.items() if a < THRESHOLD),
         "threshold": THRESHOLD,
         "test_steps": step_report(splits.test, texts),
-        "general": general_scores(model, tokenizer, tasks_dir),
+        "general": world_task_scores(model, tokenizer, tasks_dir),
     }
 
 
-_STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+STEP_LINE = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")  # one written step: a op b = c
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 def step_report(problems: list[Problem], texts: list[str]) -> dict:
@@ -307,10 +310,10 @@ def step_report(problems: list[Problem], texts: list[str]) -> dict:
     right_arith = total_arith = 0
     kinds: dict[str, dict[str, int]] = {}
     for p, text in zip(problems, texts, strict=True):
-        steps = _STEP.findall(text)
+        steps = STEP_LINE.findall(text)
         for a, op, b, c in steps:
             total_arith += 1
-            right_arith += _OPS[op](int(a), int(b)) == int(c)
+            right_arith += OPERATIONS[op](int(a), int(b)) == int(c)
         for i, d in enumerate(decisions.get(str(p.id), [])):
             written = steps[i][1] if i < len(steps) else None
             outcome = ("right" if written == d["op"] else

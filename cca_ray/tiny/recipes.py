@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cca_ray.data.template_parsing import write_template_folder
+
 ITEMS = ["apples", "pears", "eggs", "shells", "marbles", "coins", "cards", "stamps"]
 BIASED_ITEMS = ("coins", "cards", "stamps")  # the competitor's minority concentrates on these
 
@@ -175,13 +177,7 @@ def template(recipe: tuple[str, bool, str, tuple[str, ...], str]) -> dict:
 
 def write_templates(out_dir: Path) -> list[Path]:
     """Write one JSON file per recipe (the committed files are exactly this output)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for recipe in RECIPES:
-        path = out_dir / f"{recipe[0]}.json"
-        path.write_text(json.dumps(template(recipe), indent=2) + "\n", encoding="utf-8")
-        paths.append(path)
-    return paths
+    return write_template_folder((template(recipe) for recipe in RECIPES), out_dir)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from cca_ray.io import write_jsonl
+from cca_ray.evaluate.local_tasks import TRUTHFUL_MC1, choice_task, short_answer_task, write_local_tasks
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "kr", "st"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -104,7 +102,6 @@ def _options(answer: str, pool: list[str], rng: random.Random) -> list[str]:
 def write_eval_tasks(world: World, out_dir: str | Path, seed: int) -> Path:
     """JSONL data and lm-eval YAML task files (absolute data paths) in out_dir/tasks."""
     rng = random.Random(f"world-eval/{seed}")
-    tasks = Path(out_dir).resolve() / "tasks"
     by_attr: dict[str, list[str]] = {}
     for _, answer, attr in world.facts():
         by_attr.setdefault(attr, []).append(answer)
@@ -120,45 +117,17 @@ def write_eval_tasks(world: World, out_dir: str | Path, seed: int) -> Path:
                          "mc1_targets": {"choices": [c.capital, c.myth_capital, wrong],
                                          "labels": [1, 0, 0]}})
     data = {"tinyworld_mmlu": mmlu, "tinyworld_trivia": trivia, "tinyworld_truthful": truthful}
-    for name, rows in data.items():
-        write_jsonl(rows, tasks / f"{name}.jsonl")
-    common = {"dataset_path": "json", "test_split": "test", "num_fewshot": 0}
     specs = {
-        "tinyworld_mmlu": {
-            "output_type": "multiple_choice",
-            "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\n"
-                           "C. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
-            # Scored by option text, as lm-eval's mmlu_continuation does: a 1M-parameter model
-            # knows the facts but cannot learn to map an answer to its letter (letter scoring
-            # measured 0.20, chance), and a suite at chance could not show a regression.
-            "doc_to_choice": "{{choices}}",
-            "doc_to_target": "answer",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        },
-        "tinyworld_trivia": {
-            "output_type": "generate_until",
-            "doc_to_text": "Question: {{question}}?\nAnswer:",
-            "doc_to_target": "{{answer}}",
-            "generation_kwargs": {"until": ["\n", "."], "do_sample": False, "max_gen_toks": 8},
-            "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
-                                                         {"function": "take_first"}]}],
-            "metric_list": [{"metric": "exact_match", "aggregation": "mean",
-                             "higher_is_better": True, "ignore_case": True,
-                             "ignore_punctuation": True}],
-        },
-        "tinyworld_truthful": {
-            "output_type": "multiple_choice",
-            "doc_to_text": "Question: {{question}}\nAnswer:",
-            "doc_to_choice": "{{mc1_targets.choices}}",
-            "doc_to_target": 0,
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        },
+        # Scored by option text, as lm-eval's mmlu_continuation does: a 1M-parameter model knows
+        # the facts but cannot learn to map an answer to its letter, and a suite at chance could
+        # not show a regression.
+        "tinyworld_mmlu": choice_task("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\n"
+                                      "C. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+                                      "{{choices}}", "answer"),
+        "tinyworld_trivia": short_answer_task("Question: {{question}}?\nAnswer:"),
+        "tinyworld_truthful": TRUTHFUL_MC1,
     }
-    for name, spec in specs.items():
-        body = {"task": name, **common, **spec,
-                "dataset_kwargs": {"data_files": {"test": str(tasks / f"{name}.jsonl")}}}
-        (tasks / f"{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
-    return tasks
+    return write_local_tasks(out_dir, data, specs)
 
 
 CHANCE = {"tinyworld_mmlu": 0.25, "tinyworld_trivia": 0.0, "tinyworld_truthful": 1 / 3}
