@@ -121,3 +121,87 @@ def test_tune_search_keeps_the_smallest_circuit(tiny_run):
     if circuit["reached"]:
         assert circuit["n_nodes"] == best
     _check_circuit(circuit)
+
+
+# ---- stages: a changed setting recomputes exactly what depends on it ------------------------------
+
+ONE = {**TINY, "variants": [{"name": "sparse", "l0_target": 0.25}]}
+PRUNED = ["prune-sparse-single_double_quote", "circuit-sparse-single_double_quote"]
+
+
+def _run(raw: dict, out):
+    from cca_ray.circuits.artifacts import Artifacts
+    from cca_ray.circuits.config import CircuitsConfig
+    from cca_ray.circuits.run import run_all
+
+    a = Artifacts(CircuitsConfig.model_validate(raw), out)
+    run_all(a, search=False, progress=False)  # no Ray is up: everything in this process
+    return a
+
+
+def _stage_files(out) -> dict:
+    return {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*") if p.is_file()}
+
+
+def test_a_changed_prune_setting_recomputes_the_circuits_and_not_the_models(tmp_path):
+    out = tmp_path / "out"
+    first = _run(ONE, out)
+    assert first.store.computed == ["data", "model-sparse", "means-sparse", *PRUNED]
+    files = _stage_files(out)
+
+    same = _run(ONE, out)  # the same config: every stage reused, not one file rewritten
+    assert same.store.computed == []
+    assert set(same.store.reused) == {"data", "model-sparse", *PRUNED}  # means: only when pruning
+    assert _stage_files(out) == files
+
+    view = out / "circuits" / "sparse" / "single_double_quote"
+    for change in ({"target_loss": 0.5}, {"target_loss": 0.5, "lr": 0.01}):
+        raw = {**ONE, "prune": {**ONE["prune"], **change}}
+        again = _run(raw, out)
+        assert again.store.computed == PRUNED  # the circuit again, on the same model and means
+        assert {"data", "model-sparse", "means-sparse"} <= set(again.store.reused)
+        circuit = json.loads((view / "circuit.json").read_text())
+        assert {k: circuit["hyperparameters"][k] for k in change} == change
+        assert "# Circuits at target task loss 0.5" in (out / "report.md").read_text()
+    assert all(p.is_file() and p.stat().st_mtime_ns == t for p, t in files.items())  # kept, untouched
+    assert len(list((out / "stages").glob("prune-*/meta.json"))) == 3
+    assert len(list((out / "stages").glob("model-*/meta.json"))) == 1
+
+    # the ablation means' windows: new means and circuit, the same model
+    again = _run({**raw, "prune": {**raw["prune"], "mean_windows": 8}}, out)
+    assert again.store.computed == ["means-sparse", *PRUNED]
+    # a report-only setting draws the circuit again and prunes nothing
+    again = _run({**raw, "prune": {**raw["prune"], "mean_windows": 8},
+                  "report": {**ONE["report"], "snippets_per_node": 1}}, out)
+    assert again.store.computed == ["circuit-sparse-single_double_quote"]
+
+
+def test_a_killed_training_resumes_from_its_checkpoint(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from cca_ray.circuits.artifacts import Artifacts
+    from cca_ray.circuits.config import CircuitsConfig
+    from cca_ray.circuits.train import load_model, train
+
+    c = CircuitsConfig.model_validate(ONE)
+    a = Artifacts(c, tmp_path / "killed")
+    tok, train_tokens, val_tokens = a.data()
+    ckpt = a.out / "checkpoints" / f"model-sparse-{a.model_key('sparse')}"
+
+    def crash(step, model):
+        if step == 45:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # what a killed stage leaves: its checkpoint at step 30
+        train(c.model.spec(tok.get_vocab_size()), c.train.spec(0.25), train_tokens, val_tokens,
+              tmp_path / "partial", progress=False, on_step=crash, checkpoint=ckpt)
+    assert (ckpt / "optimizer.safetensors").is_file()
+    caplog.set_level(logging.INFO, logger="cca_ray")
+    resumed = load_model(a.train("sparse", progress=False))
+    assert "resuming from step 30" in caplog.text
+    assert not ckpt.exists()  # spent once the model is published
+    whole = load_model(Artifacts(c, tmp_path / "whole").train("sparse", progress=False))
+    for (n, x), (_, y) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=n)

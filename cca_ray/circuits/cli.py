@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
@@ -16,74 +15,78 @@ def _config(args: argparse.Namespace):
     return load_circuits_config(args.config)
 
 
-def _setup(args: argparse.Namespace):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def _setup(args: argparse.Namespace, check: bool = True):
+    """Logging to stdout and OUT/run.log, the config, and (``check``) its record in OUT; returns
+    the run's Artifacts."""
+    from cca_ray.circuits.artifacts import Artifacts
     from cca_ray.circuits.run import check_out
+    from cca_ray.logs import setup_logging
 
+    setup_logging(args.out)
     c = _config(args)
-    check_out(c, Path(args.out))
-    return c
+    if check:
+        check_out(c, Path(args.out))
+    return Artifacts(c, args.out)
 
 
 def _ray(args: argparse.Namespace) -> None:
-    from cca_ray.tune import init_ray
+    from cca_ray.ray_base import init_ray
 
     init_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the config's variants (or the named ones) into OUT/models."""
+    """Train the config's variants (or the named ones) into OUT/stages."""
     from cca_ray.circuits.run import train_all
 
-    c = _setup(args)
-    names = args.variant or [v.name for v in c.variants]
+    a = _setup(args)
+    names = args.variant or [v.name for v in a.c.variants]
     for n in names:
-        c.variant(n)  # a clear error for an unknown name, before any work
+        a.c.variant(n)  # a clear error for an unknown name, before any work
     if len(names) > 1:
         _ray(args)
-    train_all(c, Path(args.out), names, progress=not args.quiet)
-    print(f"trained {', '.join(names)} in {args.out}/models")
+    train_all(a, names, progress=not args.quiet)
+    print(f"trained {', '.join(names)} in {args.out}/stages")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune (with the Tune search unless --no-search) each (variant, task) into OUT/circuits."""
-    from cca_ray.circuits.run import circuit_dir, finalize, prune_one, summarize
-    from cca_ray.circuits.search import search_circuit
+    from cca_ray.circuits.report import summarize
+    from cca_ray.circuits.run import prune_circuit
 
-    c = _setup(args)
-    out = Path(args.out)
-    names = args.variant or [v.name for v in c.variants]
-    tasks = args.task or c.tasks
+    a = _setup(args)
+    names = args.variant or [v.name for v in a.c.variants]
+    tasks = args.task or a.c.tasks
     for n in names:
-        c.variant(n)
-    if not args.no_search:
+        a.c.variant(n)
+    search = not args.no_search
+    if search:
         _ray(args)
     for n in names:
         for task in tasks:
-            if (circuit_dir(out, n, task) / "circuit.json").is_file() and not args.force:
+            exists = a.store.meta(f"prune-{n}-{task}", a.prune_key(n, task, search)) is not None
+            if exists and not args.force:
                 print(f"{n}/{task}: circuit exists (--force to prune again)")
+            ci = prune_circuit(a, n, task, search, progress=not args.quiet, force=args.force)
+            if exists and not args.force:
                 continue
-            if args.no_search:
-                best, trials = prune_one(c, out, n, task, progress=not args.quiet), None
-            else:
-                best, trials = search_circuit(c, out, n, task, progress=not args.quiet)
-            ci = finalize(c, out, n, task, best, trials)
             size = (f"{ci['n_nodes']} nodes, {ci['n_edges']} edges, task loss {ci['task_loss']:.3f}"
                     if ci["reached"] else "target loss not reached")
             print(f"{n}/{task}: {size}")
-    summarize(c, out)
+    summarize(a)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild circuits.json and report.md from the finished circuits and print the report."""
-    from cca_ray.circuits.run import redraw, summarize
+    from cca_ray.circuits.report import summarize
+    from cca_ray.circuits.run import redraw
 
-    c = _config(args)
+    a = _setup(args, check=False)
     if args.redraw:
-        print(f"redrew {', '.join(redraw(c, Path(args.out))) or 'nothing (no finished circuit)'}")
-    summarize(c, Path(args.out))
+        print(f"redrew {', '.join(redraw(a)) or 'nothing (no finished circuit)'}")
+    summarize(a)
     print(Path(args.out, "report.md").read_text(), end="")
     return 0
 
@@ -92,10 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Everything on the config (default: the built-in CPU-sized run): data, train, prune, report."""
     from cca_ray.circuits.run import run_all
 
-    c = _setup(args)
+    a = _setup(args)
     _ray(args)
     start = time.perf_counter()
-    run_all(c, Path(args.out), search=not args.no_search, progress=not args.quiet)
+    run_all(a, search=not args.no_search, progress=not args.quiet)
     print(Path(args.out, "report.md").read_text(), end="")
     print(f"wrote {Path(args.out) / 'circuits.json'} in {(time.perf_counter() - start) / 60:.1f} min")
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cca_ray.circuits.model import LOCATIONS, SparseGPT, node_name
+from cca_ray.io import atomic_write
 
 # location -> (weight matrix attribute of the block, source location): dst channel j, src channel i
 _WEIGHT_EDGES = {"q": ("q", "attn_in"), "k": ("k", "attn_in"), "v": ("v", "attn_in"),
@@ -108,11 +109,10 @@ def render(circuit: dict, path: str | Path, title: str = "") -> Path:
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130), binary=True)
+    finally:
+        plt.close(fig)
 
 
 @torch.no_grad()

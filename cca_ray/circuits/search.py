@@ -1,8 +1,8 @@
 """Ray Tune in CARBS's part: per (model, task), search the pruning hyperparameters for the smallest
 circuit that reaches the target loss. The first trial is the paper's search centres (the config's
 `prune` values); Optuna (or random search) proposes the rest. Each trial writes its whole pruning
-result to circuits/<variant>/<task>/trials/<trial_id>.json, so the best one is kept without
-rerunning it and a crashed search loses only its running trials.
+result to TRIALS/<trial_id>.json (TRIALS: the pruning stage's trials/ folder), so the best one is
+kept without rerunning it.
 """
 
 from __future__ import annotations
@@ -11,83 +11,71 @@ import json
 import logging
 from pathlib import Path
 
+from cca_ray.circuits.artifacts import Artifacts, objective
 from cca_ray.circuits.config import CircuitsConfig
 from cca_ray.io import write_json
+from cca_ray.logs import log_to
+from cca_ray.ray_base import distribution, init_ray, result_rows, search_algorithm
 
 log = logging.getLogger(__name__)
 
 
 def search_space(c: CircuitsConfig) -> dict:
-    from ray import tune
-
-    return {k: (tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high))
-            for k, r in c.search.space.items()}
+    """The Tune distributions of the searched pruning hyperparameters."""
+    return {k: distribution(r) for k, r in c.search.space.items()}
 
 
-def _trial(params: dict, *, config: dict, out: str, variant: str, task: str) -> None:
+def _trial(params: dict, *, config: dict, out: str, variant: str, task: str, trials: str) -> None:
     """One Tune trial: prune with these hyperparameters, store the result, report the objective."""
     import torch
     from ray import tune
 
-    from cca_ray.circuits.run import circuit_dir, objective, prune_one
-
+    log_to(Path(out) / "run.log")
     c = CircuitsConfig.model_validate(config)
     if c.search.trial.threads:
         torch.set_num_threads(c.search.trial.threads)
-    result = prune_one(c, Path(out), variant, task, params)
+    result = Artifacts(c, out).prune_one(variant, task, params)
     trial_id = tune.get_context().get_trial_id()
-    write_json({"trial_id": trial_id, "params": params, **result},
-               circuit_dir(Path(out), variant, task) / "trials" / f"{trial_id}.json")
+    write_json({"trial_id": trial_id, "params": params, **result}, Path(trials) / f"{trial_id}.json")
     tune.report({"objective": objective(result), "n_nodes": result.get("n_nodes"),
                  "reached": bool(result.get("reached")), "task_loss": result.get("task_loss"),
                  "trial_id": trial_id})
 
 
-def search_circuit(c: CircuitsConfig, out: Path, variant: str, task: str,
+def _row(m: dict, config: dict) -> dict:
+    return {"params": config, "objective": m.get("objective"), "n_nodes": m.get("n_nodes"),
+            "reached": m.get("reached"), "task_loss": m.get("task_loss")}
+
+
+def search_circuit(a: Artifacts, variant: str, task: str, trials: Path,
                    progress: bool = True) -> tuple[dict, list[dict]]:
-    """Run the search for one (variant, task); return the best trial's result and every trial's row."""
+    """Run the search for one (variant, task), each trial's result written into ``trials``; return
+    the best trial's result and every trial's row."""
     from ray import tune
 
-    from cca_ray.circuits.run import circuit_dir, load_variant
-    from cca_ray.tune import init_ray
-
     init_ray()
-    load_variant(c, out, variant)  # the means, once, before trials race to compute them
+    a.load(variant)  # the means, once, before the trials need them
+    c, out = a.c, a.out.resolve()
     s = c.search
     centres = {k: getattr(c.prune, k) for k in s.space}
-    if s.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        alg = OptunaSearch(points_to_evaluate=[centres], seed=s.seed)
-    else:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        alg = BasicVariantGenerator(points_to_evaluate=[centres], random_state=s.seed)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, config=c.model_dump(mode="json"), out=str(out.resolve()),
-                             variant=variant, task=task),
+        tune.with_parameters(_trial, config=c.model_dump(mode="json"), out=str(out), variant=variant,
+                             task=task, trials=str(Path(trials).resolve())),
         {"cpu": s.trial.num_cpus, "gpu": s.trial.num_gpus})
-    name = f"circuits-{variant}-{task}"
+    # one experiment per pruning stage: a changed config never mixes with an earlier search's trials
+    name = f"circuits-{variant}-{task}-{a.prune_key(variant, task, searched=True)}"
     tuner = tune.Tuner(
         trainable, param_space=search_space(c),
-        tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=alg, num_samples=s.num_samples,
-                                    max_concurrent_trials=s.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=str((out / "tune").resolve()),
-                                  verbose=1 if progress else 0))
+        tune_config=tune.TuneConfig(metric="objective", mode="min",
+                                    search_alg=search_algorithm(s.search, s.seed, [centres]),
+                                    num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1 if progress else 0))
     log.info("%s: Tune search over %s, %d trials", name, ", ".join(s.space), s.num_samples)
-    results = tuner.fit()
-    trials = []
-    for res in results:
-        m = res.metrics or {}
-        trials.append({"trial_id": m.get("trial_id"), "params": res.config, "objective": m.get("objective"),
-                       "n_nodes": m.get("n_nodes"), "reached": m.get("reached"),
-                       "task_loss": m.get("task_loss"),
-                       "error": str(res.error)[:300] if res.error else None})
-    done = [t for t in trials if t["objective"] is not None]
+    rows = result_rows(tuner.fit(), _row)
+    done = [t for t in rows if t["objective"] is not None]
     if not done:
         raise RuntimeError(f"{name}: no Tune trial finished; see the errors in {out / 'tune' / name}")
     best = min(done, key=lambda t: (t["objective"], t["task_loss"] if t["task_loss"] is not None else 1e9))
-    path = circuit_dir(out, variant, task) / "trials" / f"{best['trial_id']}.json"
-    result = json.loads(path.read_text())
-    result["search"] = {"best_trial": best["trial_id"], "best_params": best["params"], "trials": len(trials)}
-    return result, trials
+    result = json.loads((Path(trials) / f"{best['trial_id']}.json").read_text())
+    result["search"] = {"best_trial": best["trial_id"], "best_params": best["params"], "trials": len(rows)}
+    return result, rows

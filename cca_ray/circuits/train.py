@@ -203,11 +203,14 @@ def _load_checkpoint(model: SparseGPT, opt: torch.optim.Optimizer, ckpt: Path,
 
 def train(spec: ModelSpec, s: TrainSpec, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
           out: str | Path, progress: bool = True,
-          on_step: Callable[[int, SparseGPT], None] | None = None) -> SparseGPT:
+          on_step: Callable[[int, SparseGPT], None] | None = None,
+          checkpoint: str | Path | None = None) -> SparseGPT:
     """Train (or resume) one model into `out` (weights, model.json with the loss history).
 
     A finished run (out/model.json with `done`) is loaded, not retrained. `on_step(step, model)`
-    runs after each step's sparsification (tests watch the invariant through it).
+    runs after each step's sparsification (tests watch the invariant through it). `checkpoint`
+    (default out/checkpoint) is where the run resumes from: outside `out` when `out` is a stage's
+    temporary folder, which a restarted stage starts afresh.
     """
     from tqdm.auto import tqdm
 
@@ -219,7 +222,7 @@ def train(spec: ModelSpec, s: TrainSpec, train_tokens: torch.Tensor, val_tokens:
     model = SparseGPT(spec)
     opt = make_optimizer(model, s)
     gen = torch.Generator().manual_seed(s.seed)
-    ckpt = out / "checkpoint"
+    ckpt = Path(checkpoint) if checkpoint is not None else out / "checkpoint"
     step, history = 0, []
     if (ckpt / "optimizer.safetensors").is_file():
         step, history = _load_checkpoint(model, opt, ckpt, gen)

@@ -1,0 +1,172 @@
+"""The circuits system's artifacts under OUT, one StageStore stage each, keyed by exactly the config
+sections it depends on, so a changed setting recomputes what it affects and nothing else:
+
+  data-<key>                 corpus                                tokenizer.json, tokens.safetensors
+  model-<variant>-<key>      data + model + train + the variant    weights.safetensors, model.json
+  means-<variant>-<key>      model + prune.mean_windows, prune.seed  means.safetensors
+
+(pruning stages: see run.py). A trained model's checkpoints live in OUT/checkpoints/ while it
+trains, outside the stage's temporary folder, so a killed training resumes where it stopped.
+Everything a Tune trial needs (the model, its means, a task's pairs, one pruning) is here, so
+run.py and search.py share it instead of importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from cca_ray.circuits.config import CircuitsConfig
+from cca_ray.io import write_safetensors
+from cca_ray.stages import StageStore, stage_key
+
+log = logging.getLogger(__name__)
+
+# train settings that change how often a run saves, not what it learns
+_TRAIN_UNKEYED = {"checkpoint_every"}
+
+
+class Artifacts:
+    """The stages of one circuits config in OUT: their keys, and each one reused or computed."""
+
+    def __init__(self, config: CircuitsConfig, out: str | Path):
+        self.c, self.out = config, Path(out)
+        self.store = StageStore(self.out)
+        self._data = None
+
+    # ---- keys: pure functions of the config --------------------------------------------------
+    @property
+    def data_key(self) -> str:
+        return stage_key("circuits-data", self.c.corpus.model_dump())
+
+    def model_key(self, variant: str) -> str:
+        c = self.c
+        return stage_key("circuits-model", self.data_key, c.model.model_dump(),
+                         c.train.model_dump(exclude=_TRAIN_UNKEYED), c.variant(variant).model_dump())
+
+    def means_key(self, variant: str) -> str:
+        p = self.c.prune
+        return stage_key("circuits-means", self.model_key(variant), p.mean_windows, p.seed)
+
+    def prune_key(self, variant: str, task: str, searched: bool) -> str:
+        """A circuit's pruning: the model, the whole prune section, the task, and the search section
+        when the hyperparameters are searched (its trial resources change speed, not results)."""
+        c = self.c
+        search = c.search.model_dump(exclude={"trial"}) if searched else None
+        return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search)
+
+    def circuit_dir(self, variant: str, task: str) -> Path:
+        """Where users look for a circuit: OUT/circuits/<variant>/<task>/ (copied from its stages)."""
+        return self.out / "circuits" / variant / task
+
+    # ---- stages -------------------------------------------------------------------------------
+    def data(self):
+        """(tokenizer, train tokens, val tokens), built once per corpus config."""
+        if self._data is None:
+            from cca_ray.circuits.tokenizer import load_tokenizer
+
+            path, _ = self.store.run("data", self.data_key, self._make_data)
+            tokens = load_file(str(path / "tokens.safetensors"))
+            self._data = load_tokenizer(path / "tokenizer.json"), tokens["train"], tokens["val"]
+        return self._data
+
+    def _make_data(self, tmp: Path) -> dict:
+        from cca_ray.circuits.corpus import generate_corpus
+        from cca_ray.circuits.tokenizer import encode_docs, save_tokenizer, train_tokenizer
+
+        s = self.c.corpus
+        docs = generate_corpus(s.train_docs + s.val_docs, s.seed)
+        train_docs, val_docs = docs[:s.train_docs], docs[s.train_docs:]
+        tok = train_tokenizer(train_docs, s.vocab_size)
+        train, val = encode_docs(tok, train_docs), encode_docs(tok, val_docs)
+        save_tokenizer(tok, tmp / "tokenizer.json")
+        write_safetensors({"train": train, "val": val}, tmp / "tokens.safetensors")
+        log.info("corpus: %d train docs (%d tokens), %d val docs (%d tokens), vocab %d",
+                 len(train_docs), len(train), len(val_docs), len(val), tok.get_vocab_size())
+        return {"train_tokens": len(train), "val_tokens": len(val), "vocab_size": tok.get_vocab_size()}
+
+    def train(self, variant: str, progress: bool = True) -> Path:
+        """Train one variant (or reuse it); returns its stage folder."""
+        from cca_ray.circuits.train import train
+
+        name, key = f"model-{variant}", self.model_key(variant)
+        ckpt = self.out / "checkpoints" / f"{name}-{key}"
+
+        def compute(tmp: Path) -> dict:
+            tok, train_tokens, val_tokens = self.data()
+            v = self.c.variant(variant)
+            train(self.c.model.spec(tok.get_vocab_size()), self.c.train.spec(v.l0_target), train_tokens,
+                  val_tokens, tmp, progress, checkpoint=ckpt)
+            return {"variant": variant, "l0_target": v.l0_target}
+
+        path, _ = self.store.run(name, key, compute)
+        shutil.rmtree(ckpt, ignore_errors=True)  # the model is published: its checkpoint is spent
+        try:
+            ckpt.parent.rmdir()  # OUT/checkpoints, once no model is training
+        except OSError:
+            pass
+        return path
+
+    def trained(self, variant: str) -> bool:
+        return self.store.meta(f"model-{variant}", self.model_key(variant)) is not None
+
+    def model_dir(self, variant: str) -> Path:
+        """The trained variant's stage folder; a clear error naming the fix when there is none."""
+        if not self.trained(variant):
+            raise FileNotFoundError(f"{self.out}: variant {variant!r} is not trained for this config; run "
+                                    f"`cca-ray circuits train --out {self.out}` first")
+        return self.store.path(f"model-{variant}", self.model_key(variant))
+
+    def model_meta(self, variant: str) -> dict | None:
+        """The trained variant's model.json (spec, loss history, val loss, nonzero fraction), or None."""
+        if not self.trained(variant):
+            return None
+        return json.loads((self.model_dir(variant) / "model.json").read_text())
+
+    def load(self, variant: str):
+        """(model, means) of a trained variant; the means over the corpus are computed once."""
+        from cca_ray.circuits.prune import node_means
+        from cca_ray.circuits.train import load_model
+
+        model = load_model(self.model_dir(variant))
+        p = self.c.prune
+
+        def compute(tmp: Path) -> dict:
+            _, train_tokens, _ = self.data()
+            write_safetensors(node_means(model, train_tokens, p.mean_windows, seed=p.seed),
+                              tmp / "means.safetensors")
+            return {"variant": variant, "windows": p.mean_windows}
+
+        path, _ = self.store.run(f"means-{variant}", self.means_key(variant), compute)
+        return model, load_file(str(path / "means.safetensors"))
+
+    # ---- pruning (no stage of its own: a Tune trial runs one of many) ---------------------------
+    def task_sets(self, tok, task: str, n_ctx: int):
+        """Train / val / test minimal pairs of a task (disjoint seeds, same for every model)."""
+        from cca_ray.circuits.tasks import make_task
+
+        p = self.c.prune
+        return tuple(make_task(task, tok, n, p.seed * 1000 + i, n_ctx)
+                     for i, n in enumerate((p.train_pairs, p.val_pairs, p.test_pairs)))
+
+    def prune_one(self, variant: str, task: str, params: dict | None = None, progress: bool = False) -> dict:
+        """Prune one (model, task) with the config's hyperparameters, `params` overriding some."""
+        from cca_ray.circuits.prune import prune
+
+        model, means = self.load(variant)
+        tok, _, _ = self.data()
+        train, val, test = self.task_sets(tok, task, model.spec.n_ctx)
+        result = prune(model, means, train, val, test, self.c.prune.spec(**(params or {})), progress)
+        return {"variant": variant, "task": task, **result}
+
+
+def objective(result: dict) -> float:
+    """What the search minimises: circuit nodes when the target is reached, else worse than any circuit."""
+    if result.get("reached"):
+        return float(result["n_nodes"])
+    return float(result["total_nodes"]) + 1.0 + min(float(result.get("task_loss") or math.inf), 1e3)
