@@ -41,27 +41,26 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
     log_to(root / "run.log")
     write_text(dump_config(config), root / "config.yaml")
     init_ray(address, num_cpus)
-    c = config
-    path, _ = model_path(c, progress)
-    pg, sampler = model_group(c, path)
+    path, _ = model_path(config, progress)
+    pg, sampler = model_group(config, path)
     methods: dict[str, dict] = {}
     try:
-        pipe = Pipeline(c, root, progress, sampler=SamplerClient(sampler))
+        pipe = Pipeline(config, root, progress, sampler=SamplerClient(sampler))
         prep = pipe.prepare()
         log.info("compare: shared stages ready (%d train pivots, %d held out); methods %s", len(prep.pivots),
-                 len(prep.heldout), c.compare.methods)
-        evaluator = CompareEvalActor.options(**actor_options(c.resources.eval, pg, 1)).remote(
-            c.model_dump(by_alias=True), str(root), sampler)
+                 len(prep.heldout), config.compare.methods)
+        evaluator = CompareEvalActor.options(**actor_options(config.resources.eval, pg, 1)).remote(
+            config.model_dump(by_alias=True), str(root), sampler)
         base = ray.get(evaluator.base.remote())
-        for name in c.compare.methods:
+        for name in config.compare.methods:
             done = root / "compare" / f"{name}.json"
             if resume and done.is_file():
                 methods[name] = json.loads(done.read_text())
                 log.info("compare: %s already finished (%s)", name, done)
                 continue
             t0 = time.time()
-            log.info("compare: %s: %d Tune trials over lr", name, c.compare.num_samples)
-            results = make_tuner("compare", c, root, sampler, resume, name).fit()
+            log.info("compare: %s: %d Tune trials over lr", name, config.compare.num_samples)
+            results = make_tuner("compare", config, root, sampler, resume, name).fit()
             tune_s = time.time() - t0
             if not any(res.metrics and res.metrics.get("objective") is not None for res in results):
                 errors = [str(res.error)[-800:] for res in results if res.error] or ["none"]
@@ -79,8 +78,8 @@ def compare_model(config: CCAConfig, out: str | Path, resume: bool = False, prog
     finally:
         ray.kill(sampler)
         remove_placement_group(pg)
-    report = build_comparison(display_name("compare", c).removeprefix("compare: "), base, methods,
-                              {"trials_per_method": c.compare.num_samples,
+    report = build_comparison(display_name("compare", config).removeprefix("compare: "), base, methods,
+                              {"trials_per_method": config.compare.num_samples,
                                "wall_seconds": round(time.time() - start, 1),
                                "shared_stages": {"computed": pipe.store.computed,
                                                  "reused": pipe.store.reused}})

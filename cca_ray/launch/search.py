@@ -115,30 +115,31 @@ def make_tuner(key: str, c: CCAConfig, out: Path, sampler: Any, resume: bool, na
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    r = c.resources
+    res = c.resources
     trainable = tune.with_resources(
         model_trainable(key, c.model_dump(by_alias=True), str(out), sampler, name),
-        tune.PlacementGroupFactory([bundle(r.trial), bundle(r.trainer)]))
+        tune.PlacementGroupFactory([bundle(res.trial), bundle(res.trainer)]))
     path = (out / "tune").resolve()
     experiment = EXPERIMENT if name is None else f"compare-{name}"
     if resume and tune.Tuner.can_restore(str(path / experiment)):
         log.info("resuming the Tune experiment in %s", path / experiment)
         return tune.Tuner.restore(str(path / experiment), trainable, resume_errored=True)
-    t = c.tune
+    settings = c.tune
     reports = len(method(name or CCA).schedule(c)) + 1  # its validations + the final: ASHA's max_t
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=t.grace_period,
-                               reduction_factor=t.reduction_factor)
-                 if t.scheduler == "asha" else FIFOScheduler())
-    samples = t.num_samples if name is None else c.compare.num_samples
-    concurrent = (t.max_concurrent_trials if name is None or c.compare.max_concurrent_trials is None
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                               grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+                 if settings.scheduler == "asha" else FIFOScheduler())
+    samples = settings.num_samples if name is None else c.compare.num_samples
+    concurrent = (settings.max_concurrent_trials if name is None or c.compare.max_concurrent_trials is None
                   else c.compare.max_concurrent_trials)
     return tune.Tuner(
         trainable, param_space=search_space(c, name),
         tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
-                                    search_alg=search_algorithm(t.search, t.seed), num_samples=samples,
-                                    max_concurrent_trials=concurrent, reuse_actors=False),
+                                    search_alg=search_algorithm(settings.search, settings.seed),
+                                    num_samples=samples, max_concurrent_trials=concurrent,
+                                    reuse_actors=False),
         run_config=tune.RunConfig(name=experiment, storage_path=str(path), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=t.max_failures)))
+                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
 
 
 def trial_rows(results) -> list[dict]:
@@ -164,10 +165,10 @@ def model_group(c: CCAConfig, path: str) -> tuple[Any, Any]:
 
     from actors.sampler import SamplerActor
 
-    r = c.resources
-    pg = placement_group([bundle(r.sampler), bundle(r.eval)], strategy="PACK")
+    res = c.resources
+    pg = placement_group([bundle(res.sampler), bundle(res.eval)], strategy="PACK")
     ray.get(pg.ready())
-    sampler = SamplerActor.options(**actor_options(r.sampler, pg, 0)).remote(
+    sampler = SamplerActor.options(**actor_options(res.sampler, pg, 0)).remote(
         c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
         max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
     return pg, sampler

@@ -41,27 +41,28 @@ class Engines:
         if self.config.sampling.backend != "hf" or self.shared is not None:
             return self.gen_sampler()
         if self._eval is None:
-            e = self.config.evaluation
+            settings = self.config.evaluation
             self._eval = make_sampler("hf", model=self.m.model, tokenizer=self.m.tokenizer,
-                                      batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                      batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
                                       progress=self.progress)
         return self._eval
 
     def gen_sampler(self):
         """The configured backend for traces, branching completions and evaluation."""
-        s = self.config.sampling
+        sampling = self.config.sampling
         if self.shared is not None:
             return self.shared
-        if s.backend == "hf":
+        if sampling.backend == "hf":
             return make_sampler("hf", model=self.m.model, tokenizer=self.m.tokenizer,
-                                batch_size=s.batch_size, max_new_tokens=s.max_new_tokens,
+                                batch_size=sampling.batch_size, max_new_tokens=sampling.max_new_tokens,
                                 progress=self.progress)
         if self._gen is None:
-            self._gen = make_sampler(s.backend, self.m.path, dtype=self.config.model.dtype,
-                                     tokenizer=self.m.tokenizer, batch_size=s.batch_size,
-                                     max_new_tokens=max(s.max_new_tokens,
+            self._gen = make_sampler(sampling.backend, self.m.path, dtype=self.config.model.dtype,
+                                     tokenizer=self.m.tokenizer, batch_size=sampling.batch_size,
+                                     max_new_tokens=max(sampling.max_new_tokens,
                                                         self.config.evaluation.max_new_tokens),
-                                     progress=self.progress, max_model_len=4096, cpu_threads=s.cpu_threads)
+                                     progress=self.progress, max_model_len=4096,
+                                     cpu_threads=sampling.cpu_threads)
         return self._gen
 
     def push(self, weights: dict[str, torch.Tensor]) -> None:

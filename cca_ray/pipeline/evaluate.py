@@ -42,13 +42,13 @@ def test_eval(pipe: Pipeline, arm: str, run: dict, test: list[Problem],
 
 def general(pipe: Pipeline, arm: str, base_key: str, run: dict | None) -> dict:
     """lm-eval general-suite scores of the base model (``run`` None) or of a run's best model."""
-    e = pipe.config.evaluation
+    settings = pipe.config.evaluation
     key = keys.general_key(pipe.config, base_key, run["path"] if run else None)
 
     def compute(tmp: Path) -> dict:
         def score():
-            return general_scores(pipe.m.model, pipe.m.tokenizer, e.general_tasks, e.num_fewshot,
-                                  pipe.m.local_tasks, e.limit)
+            return general_scores(pipe.m.model, pipe.m.tokenizer, settings.general_tasks,
+                                  settings.num_fewshot, pipe.m.local_tasks, settings.limit)
         if run is None:
             return {"scores": score()}
         with pipe.engines.applied(run):

@@ -36,8 +36,8 @@ class Loaded:
         return self._model
 
     def prompt(self, config: CCAConfig):
-        d = config.data
-        return lambda q: build_prompt(q, d.n_shots, d.chat_template, self.tokenizer)
+        data = config.data
+        return lambda q: build_prompt(q, data.n_shots, data.chat_template, self.tokenizer)
 
 
 def check_builtin_data(config: CCAConfig) -> None:
@@ -45,11 +45,11 @@ def check_builtin_data(config: CCAConfig) -> None:
     settings would put its training questions into val/test, so refuse them at the edge."""
     from cca_ray.tiny.build import BuildSettings
 
-    s, d = BuildSettings(), config.data
-    want = {"source": "templates", "path": BUILTIN, "instances_per_template": s.instances_per_template,
-            "seed": s.seed, "split_ratios": (0.52, 0.08, 0.40), "n_shots": 0, "chat_template": False}
-    bad = [f"data.{k} = {getattr(d, k)!r} (needs {v!r})" for k, v in want.items()
-           if (tuple(getattr(d, k)) if k == "split_ratios" else getattr(d, k)) != v]
+    build, data = BuildSettings(), config.data
+    want = {"source": "templates", "path": BUILTIN, "instances_per_template": build.instances_per_template,
+            "seed": build.seed, "split_ratios": (0.52, 0.08, 0.40), "n_shots": 0, "chat_template": False}
+    bad = [f"data.{k} = {getattr(data, k)!r} (needs {v!r})" for k, v in want.items()
+           if (tuple(getattr(data, k)) if k == "split_ratios" else getattr(data, k)) != v]
     if bad:
         raise ConfigError("model.name 'builtin' was trained around the built-in data split; "
                           + "; ".join(bad) + ". Use tune_configs/default.yaml's data section.")
@@ -104,13 +104,13 @@ def load_model(config: CCAConfig, progress: bool = True) -> Loaded:
 
 
 def load_problems(config: CCAConfig) -> list[Problem]:
-    d = config.data
-    if d.source == "templates":
+    data = config.data
+    if data.source == "templates":
         from cca_ray.data.basic_templates import template_folder
 
-        templates = load_templates(template_folder(d.path))
-        problems, failures = instantiate_templates(templates, d.instances_per_template, d.seed)
+        templates = load_templates(template_folder(data.path))
+        problems, failures = instantiate_templates(templates, data.instances_per_template, data.seed)
         for reason in failures:
             log.warning("skipping template: %s", reason)
         return problems
-    return load_jsonl(d.path) if d.source == "jsonl" else load_hub(d.hub_config)
+    return load_jsonl(data.path) if data.source == "jsonl" else load_hub(data.hub_config)

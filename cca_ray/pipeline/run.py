@@ -104,13 +104,12 @@ class Pipeline:
     # ---- shared stages ---------------------------------------------------------------------
     def data(self) -> tuple[str, Splits]:
         """(key, splits) of the configured problems."""
-        c = self.config
-        key = keys.data_key(c)
+        key = keys.data_key(self.config)
 
         def compute(tmp: Path) -> dict:
-            problems = load_problems(c)
+            problems = load_problems(self.config)
             write_problems(problems, tmp / "problems.jsonl")
-            splits = split_problems(problems, c.data.split_ratios, seed=c.data.seed)
+            splits = split_problems(problems, self.config.data.split_ratios, seed=self.config.data.seed)
             write_splits(splits, tmp)
             return {"problems": len(problems), "splits": {n: len(p) for n, p in splits.items()},
                     "templates": len({p.id for p in problems})}
@@ -122,8 +121,8 @@ class Pipeline:
     def base_eval(self, data_key: str, splits: Splits) -> tuple[str, dict, list, dict]:
         """(key, greedy correctness per split, kept templates, train+val accuracy per template): the
         base model on every split and the template filter from train+val."""
-        c = self.config
-        key = keys.base_key(c, data_key)
+        settings = self.config.data
+        key = keys.base_key(self.config, data_key)
 
         def compute(tmp: Path) -> dict:
             for name, problems in splits.items():
@@ -135,27 +134,27 @@ class Pipeline:
         self.timed("base_eval", meta)
         correct = {n: correct_map(read_jsonl(path / f"{n}_correct.jsonl")) for n in ("train", "val", "test")}
         acc = template_accuracies(splits, {**correct["train"], **correct["val"]})
-        kept = select_templates(acc, c.data.template_threshold, c.data.template_min_accuracy)
+        kept = select_templates(acc, settings.template_threshold, settings.template_min_accuracy)
         if not kept:
             raise LocalizationError(
                 f"no template's train+val accuracy lies in [data.template_min_accuracy "
-                f"{c.data.template_min_accuracy}, data.template_threshold {c.data.template_threshold}) "
+                f"{settings.template_min_accuracy}, data.template_threshold {settings.template_threshold}) "
                 f"(lowest {min(acc.values()):.2f}, highest {max(acc.values()):.2f}); widen that range "
                 f"to train on this model")
         return key, correct, kept, acc
 
     def traces(self, base_key: str, splits: Splits, kept: list) -> tuple[str, list[Trace]]:
         """(key, traces): greedy and sampled traces of the kept templates' train problems."""
-        c = self.config
-        key = keys.traces_key(c, base_key, kept)
+        sampling = self.config.sampling
+        key = keys.traces_key(self.config, base_key, kept)
         problems = [p for p in splits.train if p.id in set(kept)]
 
         def compute(tmp: Path) -> dict:
-            prompt = self.m.prompt(c)
+            prompt = self.m.prompt(self.config)
             prompts = [prompt(p.question) for p in problems]
             traces = collect_traces(self.engines.gen_sampler(), problems, prompts,
-                                    c.sampling.n_samples, c.sampling.temperature, c.sampling.seed,
-                                    c.sampling.max_new_tokens)
+                                    sampling.n_samples, sampling.temperature, sampling.seed,
+                                    sampling.max_new_tokens)
             write_jsonl([t.to_row() for t in traces], tmp / "traces.jsonl")
             with_contrast = sum(t.contrast_ids is not None for t in traces)
             log.info("traces: %d problems, %d with a contrasting sample", len(traces), with_contrast)
@@ -167,44 +166,45 @@ class Pipeline:
         if meta["with_contrast"] == 0:
             raise LocalizationError(
                 f"none of the {meta['problems']} training problems has a sampled trace whose correctness "
-                f"differs from greedy ({c.sampling.n_samples} samples at temperature "
-                f"{c.sampling.temperature}); raise sampling.n_samples or sampling.temperature")
+                f"differs from greedy ({sampling.n_samples} samples at temperature "
+                f"{sampling.temperature}); raise sampling.n_samples or sampling.temperature")
         return key, [Trace.from_row(r) for r in read_jsonl(path / "traces.jsonl")]
 
     def localization(self, traces_key: str, traces: list[Trace]) -> tuple[str, list[Pivot], dict]:
         """(key, pivots, summary): the pivotal tokens where greedy and contrasting traces diverge."""
-        c = self.config.localize
+        settings = self.config.localize
         key = keys.localize_key(self.config, traces_key)
 
         def compute(tmp: Path) -> dict:
-            sampler = self.engines.gen_sampler() if c.method != "prefix" else None
-            loc = localize(c.method, traces, sampler, self.m.tokenizer, self.config.sampling.max_new_tokens,
-                           c.chunk, self.progress)
+            sampler = self.engines.gen_sampler() if settings.method != "prefix" else None
+            loc = localize(settings.method, traces, sampler, self.m.tokenizer,
+                           self.config.sampling.max_new_tokens, settings.chunk, self.progress)
             pivots = loc.pivots
-            if c.max_examples and len(pivots) > c.max_examples:
-                pivots = random.Random(0).sample(pivots, c.max_examples)
+            if settings.max_examples and len(pivots) > settings.max_examples:
+                pivots = random.Random(0).sample(pivots, settings.max_examples)
                 loc.dropped["over localize.max_examples"] += len(loc.pivots) - len(pivots)
             write_jsonl([p.to_row() for p in pivots], tmp / "localization.jsonl")
             summary = loc.summary() | {"examples": len(pivots),
                                        "pivot_kinds": pivot_kinds(pivots, self.m.tokenizer)}
-            log.info("localisation (%s): %d examples %s, dropped %s", c.method, len(pivots),
+            log.info("localisation (%s): %d examples %s, dropped %s", settings.method, len(pivots),
                      summary["pivot_kinds"], dict(loc.dropped))
             return summary
 
         path, meta = self.store.run("localize", key, compute)
         self.timed("localize", meta)
-        if meta["examples"] < c.min_examples:
+        if meta["examples"] < settings.min_examples:
             raise LocalizationError(
-                f"localisation ({c.method}) kept {meta['examples']} examples, below localize.min_examples "
-                f"{c.min_examples} (dropped: {meta['dropped']}); sample more (sampling.n_samples, more "
-                f"templates via data.template_threshold) or lower localize.min_examples")
+                f"localisation ({settings.method}) kept {meta['examples']} examples, below "
+                f"localize.min_examples {settings.min_examples} (dropped: {meta['dropped']}); sample more "
+                f"(sampling.n_samples, more templates via data.template_threshold) or lower "
+                f"localize.min_examples")
         return key, [Pivot.from_row(r) for r in read_jsonl(path / "localization.jsonl")], meta
 
     def split(self, loc_key: str, pivots: list[Pivot]) -> tuple[str, list[Pivot], list[Pivot]]:
         """(key, train, held-out) pivots (localize.heldout_fraction, seeded): DCM and every update see
         only the train ones; the held-out ones are only measured (pivot diagnostics)."""
-        c = self.config.localize
-        train, heldout = split_pivots(pivots, c.heldout_fraction, c.heldout_seed)
+        settings = self.config.localize
+        train, heldout = split_pivots(pivots, settings.heldout_fraction, settings.heldout_seed)
         log.info("pivots: %d train, %d held out", len(train), len(heldout))
         return keys.split_key(self.config, loc_key), train, heldout
 
@@ -220,14 +220,15 @@ class Pipeline:
 
     def dcm(self, prep: Prepared) -> Mask:
         """DCM's mask on the train pivots (cached per its settings: trials with one lambda share it)."""
-        c = self.config.dcm
+        settings = self.config.dcm
         key = keys.dcm_key(self.config, prep.split_key)
 
         def compute(tmp: Path) -> dict:
             res: DCMResult = learn_mask(
-                self.m.model, pivot_examples(prep.pivots), self.m.tokenizer.pad_token_id, lam=c.lambda_,
-                lr=c.lr, epochs=c.epochs, batch_size=c.batch_size, lr_step_epochs=c.lr_step_epochs,
-                lr_gamma=c.lr_gamma, early_stop_fraction=c.early_stop_fraction, seed=c.seed,
+                self.m.model, pivot_examples(prep.pivots), self.m.tokenizer.pad_token_id,
+                lam=settings.lambda_, lr=settings.lr, epochs=settings.epochs, batch_size=settings.batch_size,
+                lr_step_epochs=settings.lr_step_epochs, lr_gamma=settings.lr_gamma,
+                early_stop_fraction=settings.early_stop_fraction, seed=settings.seed,
                 architecture=self.config.model.architecture, progress=self.progress)
             save_file({k: v.contiguous() for k, v in res.masks.items()}, str(tmp / "mask.safetensors"))
             summary = res.summary()

@@ -63,26 +63,27 @@ def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tens
     train pivots; stores the deltas
     of the best step (step 0 included) and of the best step >= 1, and the pivot diagnostics of both
     on the train and the held-out pivots."""
-    c, u = pipe.config, pipe.config.update
-    key = keys.rows_update_key(c, mask.key, arm, lr)
+    config, settings = pipe.config, pipe.config.update
+    key = keys.rows_update_key(config, mask.key, arm, lr)
     name = f"update-{arm}-lr{lr:g}"
     kind = method(name)
 
     def compute(tmp: Path) -> dict:
         model, pad = pipe.m.model, pipe.m.tokenizer.pad_token_id
-        rows = selected_rows(model, component_space(model, c.model.architecture), selected, u.kinds)
-        val_acc = validator(pipe, arm, lr, prep.splits.val, kind.schedule(c))
-        examples = pivot_examples(update_subset(prep.pivots, u.max_examples))
-        common = dict(lr=lr, steps=u.steps, optimizer=u.optimizer, micro_batch_size=u.micro_batch_size,
-                      progress=pipe.progress, desc=name)
+        space = component_space(model, config.model.architecture)
+        rows = selected_rows(model, space, selected, settings.kinds)
+        val_acc = validator(pipe, arm, lr, prep.splits.val, kind.schedule(config))
+        examples = pivot_examples(update_subset(prep.pivots, settings.max_examples))
+        common = dict(lr=lr, steps=settings.steps, optimizer=settings.optimizer,
+                      micro_batch_size=settings.micro_batch_size, progress=pipe.progress, desc=name)
         try:
-            if u.zero_stage is None:
+            if settings.zero_stage is None:
                 res = targeted_update(model, RowDeltas(model, rows), examples, pad, val_acc, **common)
             else:
                 from cca_ray.update.deepspeed import zero_targeted_update
 
-                res = zero_targeted_update(model, rows, examples, pad, val_acc, zero_stage=u.zero_stage,
-                                           **common)
+                res = zero_targeted_update(model, rows, examples, pad, val_acc,
+                                           zero_stage=settings.zero_stage, **common)
         finally:
             params = dict(model.named_parameters())
             pipe.engines.push({n: params[n] for n in rows})  # the engine back to the base weights
@@ -93,7 +94,7 @@ def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tens
         write_json(res.history, tmp / "history.json")
         diagnostics = pivot_diagnostics(
             model, rows, {"best": res.best, "best_updated": res.best_updated},
-            {"train": examples, "held_out": pivot_examples(prep.heldout)}, pad, u.micro_batch_size)
+            {"train": examples, "held_out": pivot_examples(prep.heldout)}, pad, settings.micro_batch_size)
         return {"arm": arm, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,
                 "best_updated_step": res.best_updated_step, "best_updated_val": res.best_updated_val,
                 "trainable_parameters": res.trainable_parameters,
@@ -133,34 +134,34 @@ def nomask_run(pipe: Pipeline, name: str, lr: float, prep: Prepared) -> dict:
     """CCA's logit-difference update on every parameter (what the localisation buys)."""
     from cca_ray.update.nomask import all_parameter_update
 
-    c, u = pipe.config, pipe.config.update
+    config, settings = pipe.config, pipe.config.update
 
     def train(validate):
-        examples = pivot_examples(update_subset(prep.pivots, u.max_examples))
+        examples = pivot_examples(update_subset(prep.pivots, settings.max_examples))
         return all_parameter_update(pipe.m.model, examples, pipe.m.tokenizer.pad_token_id, validate, lr=lr,
-                                    steps=u.steps, progress=pipe.progress, desc=f"update-{name}-lr{lr:g}",
-                                    micro_batch_size=u.micro_batch_size)
+                                    steps=settings.steps, micro_batch_size=settings.micro_batch_size,
+                                    progress=pipe.progress, desc=f"update-{name}-lr{lr:g}")
 
-    return _weights_stage(pipe, name, lr, keys.nomask_key(c, prep.split_key, name, lr), prep, train)
+    return _weights_stage(pipe, name, lr, keys.nomask_key(config, prep.split_key, name, lr), prep, train)
 
 
 def sft_run(pipe: Pipeline, name: str, lr: float, prep: Prepared, lora: bool) -> dict:
     """Supervised fine-tuning on the kept templates' GSym-Train reference answers (full or LoRA)."""
     from cca_ray.update.sft import finetune, sft_examples
 
-    c, s = pipe.config, pipe.config.compare.sft
+    config, sft = pipe.config, pipe.config.compare.sft
 
     def train(validate):
         kept = set(prep.kept)
         problems = [q for q in prep.splits.train if q.id in kept]
-        examples = sft_examples(problems, pipe.m.prompt(c), pipe.m.tokenizer, s.max_length)
+        examples = sft_examples(problems, pipe.m.prompt(config), pipe.m.tokenizer, sft.max_length)
         return finetune(pipe.m.model, examples, pipe.m.tokenizer.pad_token_id, validate,
-                        method="lora" if lora else "full", lr=lr, steps=s.steps, batch_size=s.batch_size,
-                        weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
-                        warmup_fraction=s.warmup_fraction, eval_every=s.eval_every, seed=c.data.seed,
-                        lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                        zero_stage=None if lora else s.zero_stage, progress=pipe.progress,
+                        method="lora" if lora else "full", lr=lr, steps=sft.steps, batch_size=sft.batch_size,
+                        weight_decay=sft.weight_decay, max_grad_norm=sft.max_grad_norm,
+                        warmup_fraction=sft.warmup_fraction, eval_every=sft.eval_every, seed=config.data.seed,
+                        lora_r=sft.lora_r, lora_alpha=sft.lora_alpha, lora_dropout=sft.lora_dropout,
+                        zero_stage=None if lora else sft.zero_stage, progress=pipe.progress,
                         desc=f"update-{name}-lr{lr:g}")
 
-    key = keys.sft_key(c, prep.base_key, prep.kept, name, lr, lora)
+    key = keys.sft_key(config, prep.base_key, prep.kept, name, lr, lora)
     return _weights_stage(pipe, name, lr, key, prep, train)
