@@ -25,9 +25,10 @@ def main() -> None:
     from cca_ray.config import load_config
     from cca_ray.dcm import Example
     from cca_ray.dcm.batches import full_logits, logit_difference
-    from cca_ray.localize import Pivot
-    from cca_ray.pipeline import Pipeline, random_selection, update_subset
+    from cca_ray.pipeline.run import Pipeline, pivot_examples
+    from cca_ray.pipeline.updates import update_subset
     from cca_ray.update import RowDeltas, selected_rows
+    from cca_ray.update.control import random_selection
     from cca_ray.update.diagnostics import logit_differences
     from cca_ray.update.train import micro_batches
 
@@ -39,15 +40,13 @@ def main() -> None:
     pipe = Pipeline(load_config(run / "config.yaml"), run, progress=False)  # its stages, reused
     config = pipe.config
     prep = pipe.prepare()
-    masks, _ = pipe.dcm(prep.pivots)
+    mask = pipe.dcm(prep)
     model, pad = pipe.m.model, pipe.m.tokenizer.pad_token_id
     train, held = prep.pivots, prep.heldout
     step_set = update_subset(train, config.update.max_examples)
 
-    def examples(ps: list[Pivot]) -> list[Example]:
-        return [Example(p.prefix["token_ids"], p.desired_token, p.undesired_token) for p in ps]
-
-    cca = {k: masks[k] > 0.5 for k in KINDS}
+    examples = pivot_examples
+    cca = mask.selected
     selections = [("cca", cca)] + [(f"random{s}", random_selection(cca, s)) for s in range(args.seeds)]
     print(f"{len(train)} DCM-train pivots ({len(step_set)} per update step), {len(held)} held out; "
           f"selected per kind: { {k: int(v.sum()) for k, v in cca.items()} }")

@@ -68,13 +68,13 @@ def test_finetune_lowers_the_loss_and_restores_the_base(setup, method):
     assert not any(p.requires_grad for p in model.parameters())
     # the best step's weights, loaded into a copy of the base, are the model that was scored
     scored = copy.deepcopy(model)
-    scored.load_state_dict(res.best_weights, strict=False)
+    scored.load_state_dict(res.best, strict=False)
     assert -_loss(scored, examples, pad) == pytest.approx(res.best_val, abs=1e-4)
     total = sum(p.numel() for p in model.parameters())
     if method == "lora":
         linears = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LORA_TARGETS]
         assert res.trainable_parameters == sum(16 * (m.in_features + m.out_features) for m in linears)
-        assert all(n.split(".")[-2].endswith("_proj") for n in res.best_weights)
+        assert all(n.split(".")[-2].endswith("_proj") for n in res.best)
     else:
         assert res.trainable_parameters == total and res.changed_parameters > total / 2
 
@@ -101,7 +101,7 @@ def test_no_mask_update_raises_the_logit_difference_on_every_parameter(setup):
     assert res.trainable_parameters == total
     assert res.changed_parameters > total / 2  # "no mask": nearly every entry moves
     scored = copy.deepcopy(model)
-    scored.load_state_dict(res.best_weights, strict=False)
+    scored.load_state_dict(res.best, strict=False)
     with torch.no_grad():
         again = logit_difference(full_logits(scored, examples, pad), examples).mean().item()
     assert again == pytest.approx(res.best_val, abs=1e-4)
@@ -111,7 +111,7 @@ def test_no_mask_update_raises_the_logit_difference_on_every_parameter(setup):
 def test_full_finetune_under_deepspeed_zero_matches_plain(setup, zero_stage):
     """The TrainerActor's path: AdamW + cosine + clipping inside a DeepSpeed ZeRO engine (gloo, world
     size 1) gives the plain PyTorch run's validations and best weights, and leaves no DeepSpeed state."""
-    from cca_ray.update.zero import deepspeed_env, init_distributed
+    from cca_ray.update.deepspeed import deepspeed_env, init_distributed
 
     deepspeed_env()
     init_distributed()
@@ -132,7 +132,7 @@ def test_full_finetune_under_deepspeed_zero_matches_plain(setup, zero_stage):
     for a, b in zip(plain.history, zero.history, strict=True):
         if a.get("loss") is not None:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
-    assert zero.best_step == plain.best_step and set(zero.best_weights) == set(plain.best_weights)
-    worst = max((zero.best_weights[n] - w).abs().max().item() for n, w in plain.best_weights.items())
+    assert zero.best_step == plain.best_step and set(zero.best) == set(plain.best)
+    worst = max((zero.best[n] - w).abs().max().item() for n, w in plain.best.items())
     assert worst < 1e-4, worst
     assert zero.changed_parameters > sum(p.numel() for p in model.parameters()) / 2

@@ -20,12 +20,13 @@ from cca_ray.update import (
     RowDeltas,
     UpdateError,
     apply_delta_to,
+    keep_best,
     load_delta,
     merge_rows,
     save_delta,
+    schedule,
     selected_rows,
     targeted_update,
-    validation_steps,
 )
 
 PAD = 0
@@ -179,10 +180,54 @@ def test_merge_rows_touches_only_the_rows() -> None:
 # ---------------------------------------------------------------- targeted_update
 
 
-def test_validation_steps() -> None:
-    assert validation_steps(50) == [0, 2, 4, 6, 8, 10, 15, 20, 25, 30, 35, 40, 45, 50]
-    assert validation_steps(7) == [0, 2, 4, 6, 7]
-    assert validation_steps(1) == [0, 1]
+def test_schedule() -> None:
+    assert schedule(50) == [0, 2, 4, 6, 8, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+    assert schedule(7) == [0, 2, 4, 6, 7]
+    assert schedule(1) == [0, 1]
+    assert schedule(12, eval_every=4) == [0, 4, 8, 12]  # the fine-tuning baselines' marks
+    assert schedule(10, eval_every=4) == [0, 4, 8, 10]
+    assert schedule(2, eval_every=0) == [0, 1, 2]
+
+
+def _counting_loop(losses: list[float], vals: list[float], steps: int, marks: list[int]):
+    """keep_best on a counter: the snapshot is the number of advance() calls so far."""
+    done, snaps = [0], []
+
+    def advance() -> None:
+        done[0] += 1
+
+    def snapshot() -> list[int]:
+        snaps.append([done[0]])
+        return snaps[-1]
+
+    result = keep_best(lambda step: losses[step - 1], advance, _scripted(vals), snapshot,
+                       lambda snap: {"w": torch.tensor(snap)}, steps, marks, lr=0.5, trainable_parameters=3,
+                       progress=False, desc="count")
+    return result, done[0], snaps
+
+
+def test_keep_best_bookkeeping() -> None:
+    result, done, snaps = _counting_loop([3.0, 2.0, 1.0, 0.5], [0.5, 0.2, 0.4], steps=4, marks=[0, 2, 3])
+    assert done == 4 and snaps == [[0], [2], [3], [4]]  # the last step is not a mark: a fresh snapshot
+    assert (result.best_step, result.best_val, result.best) == (0, 0.5, [0])
+    assert (result.best_updated_step, result.best_updated_val, result.best_updated) == (3, 0.4, [3])
+    assert result.last == [4] and result.trainable_parameters == 3
+    assert result.history == [{"step": 0, "val_accuracy": 0.5, "loss": None}, {"step": 1, "loss": 3.0},
+                              {"step": 2, "loss": 2.0, "val_accuracy": 0.2},
+                              {"step": 3, "loss": 1.0, "val_accuracy": 0.4}, {"step": 4, "loss": 0.5}]
+    result, _, snaps = _counting_loop([3.0, 2.0], [0.1, 0.3], steps=2, marks=[0, 2])
+    assert result.best is result.best_updated is result.last is snaps[-1]  # one snapshot per validation
+
+
+def test_keep_best_stops_before_a_nan_step() -> None:
+    with pytest.raises(UpdateError, match=r"update loss is nan at step 3 \(lr 0.5\): lower update.lr; "
+                                          r"the best step so far was 2"):
+        _counting_loop([1.0, 0.5, float("nan")], [0.1, 0.3], steps=4, marks=[0, 2, 4])
+    done = []
+    with pytest.raises(UpdateError):
+        keep_best(lambda step: float("inf"), lambda: done.append(1), lambda w: 0.0, list, lambda s: {}, 3,
+                  [0, 3], lr=1.0, trainable_parameters=0, progress=False)
+    assert done == []  # the optimizer never stepped on the non-finite loss
 
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.05), ("adam", 1e-3)])
@@ -215,11 +260,11 @@ def test_best_step_is_chosen_by_validation() -> None:
     model6 = _model()
     _, deltas6 = _rows_and_deltas(model6)
     targeted_update(model6, deltas6, examples, PAD, validate=lambda w: 0.0, lr=0.05, steps=6, progress=False)
-    for best, at6, last in zip(result.best_deltas, deltas6.snapshot(), final, strict=True):
+    for best, at6, last in zip(result.best, deltas6.snapshot(), final, strict=True):
         assert torch.equal(best, at6)
         assert not torch.equal(best, last)
     assert (result.best_updated_step, result.best_updated_val) == (6, 0.5)  # the same step here
-    assert all(torch.equal(a, b) for a, b in zip(result.best_updated_deltas, result.best_deltas, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(result.best_updated, result.best, strict=True))
 
 
 def test_no_improvement_keeps_the_base_model() -> None:
@@ -228,7 +273,7 @@ def test_no_improvement_keeps_the_base_model() -> None:
     result = targeted_update(model, deltas, _examples(), PAD, validate=lambda w: 0.5, lr=0.05, steps=6,
                              progress=False)
     assert result.best_step == 0 and result.best_val == 0.5
-    assert all(torch.equal(d, torch.zeros_like(d)) for d in result.best_deltas)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in result.best)
     assert any(d.abs().sum() > 0 for d in deltas.deltas)  # training did move the live deltas
 
 
@@ -240,12 +285,12 @@ def test_best_updated_step_is_kept_beside_a_winning_step_zero() -> None:
     result = targeted_update(model, deltas, examples, PAD, validate=_scripted(vals), lr=0.05, steps=10,
                              progress=False)
     assert (result.best_step, result.best_val) == (0, 0.5)
-    assert all(torch.equal(d, torch.zeros_like(d)) for d in result.best_deltas)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in result.best)
     assert (result.best_updated_step, result.best_updated_val) == (4, 0.4)
     model4 = _model()  # a rerun that stops at step 4 ends with exactly the best updated deltas
     _, deltas4 = _rows_and_deltas(model4)
     targeted_update(model4, deltas4, examples, PAD, validate=lambda w: 0.0, lr=0.05, steps=4, progress=False)
-    for got, want in zip(result.best_updated_deltas, deltas4.snapshot(), strict=True):
+    for got, want in zip(result.best_updated, deltas4.snapshot(), strict=True):
         assert torch.equal(got, want) and got.abs().sum() > 0
 
 
@@ -377,7 +422,7 @@ def test_delta_round_trip_through_the_cli_is_bit_exact(tmp_path: Path) -> None:
                              steps=6, progress=False)
     assert result.best_step == 6
     merged = copy.deepcopy(model)
-    values = merge_rows(merged, rows, result.best_deltas)
+    values = merge_rows(merged, rows, result.best)
     merged.save_pretrained(tmp_path / "merged", safe_serialization=True)
     delta_path = save_delta(rows, values, tmp_path / "delta.safetensors", base=str(base), extra={"lr": 0.05})
     assert delta_path.stat().st_size < 0.5 * (base / "model.safetensors").stat().st_size

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cca_ray.components import KINDS, component_space
 from cca_ray.dcm import Example
 from cca_ray.update import RowDeltas, UpdateError, merge_rows, selected_rows, targeted_update
-from cca_ray.update.zero import deepspeed_env, init_distributed, zero_targeted_update
+from cca_ray.update.deepspeed import deepspeed_env, init_distributed, zero_targeted_update
 
 LINEAR = torch.nn.functional.linear  # ZeRO-3 may swap this process-wide; it must not
 STEPS, MICRO = 6, 3  # 8 examples -> micro-batches of 3, 3, 2; validation at steps 0, 2, 4, 6
@@ -141,13 +141,13 @@ def _check_against_plain(small, plain, result, seen: list[dict[str, torch.Tensor
         assert got["loss"] == pytest.approx(exp["loss"], abs=1e-6)
     assert result.trainable_parameters == want.trainable_parameters
     shapes = [(len(r), params[n].shape[1]) for n, r in small.rows.items()]
-    assert [tuple(d.shape) for d in result.best_deltas] == shapes
-    assert max(d.abs().max().item() for d in want.best_deltas) > 1e-3  # the rows really moved
-    diff = _max_diff(result.best_deltas, want.best_deltas)
+    assert [tuple(d.shape) for d in result.best] == shapes
+    assert max(d.abs().max().item() for d in want.best) > 1e-3  # the rows really moved
+    diff = _max_diff(result.best, want.best)
     assert diff <= tol
     assert (result.best_updated_step, result.best_updated_val) == (want.best_updated_step,
                                                                    want.best_updated_val) == (4, 0.5)
-    assert _max_diff(result.best_updated_deltas, want.best_updated_deltas) <= tol
+    assert _max_diff(result.best_updated, want.best_updated) <= tol
     # validate() got every trained parameter in full, at every validation step, as the plain one did
     assert len(seen) == len(want_seen) == len(VALS)
     for step, (got, exp) in enumerate(zip(seen, want_seen, strict=True)):
@@ -162,7 +162,7 @@ def _check_against_plain(small, plain, result, seen: list[dict[str, torch.Tensor
             assert step == 0 or not torch.equal(w[rows], base[rows]), (step, name)
     # merge_rows on a fresh base model gives exactly the weights validated at the best step
     merged = copy.deepcopy(small.model)
-    merge_rows(merged, small.rows, result.best_deltas)
+    merge_rows(merged, small.rows, result.best)
     for name, p in merged.named_parameters():
         want_w = seen[VALS.index(0.5)][name] if name in small.rows else small.base[name]
         assert torch.equal(_bits(p), _bits(want_w)), name
@@ -201,7 +201,7 @@ def test_adam_matches_the_plain_update(small, plain_adam, zero_stage: int) -> No
                                   lr=1e-3, steps=STEPS, optimizer="adam", micro_batch_size=MICRO,
                                   zero_stage=zero_stage, progress=False)
     diff = _check_against_plain(small, plain_adam, result, seen, TOL_ADAM)
-    every = torch.cat([(a - b).abs().flatten() for a, b in zip(result.best_deltas, plain_adam[0].best_deltas,
+    every = torch.cat([(a - b).abs().flatten() for a, b in zip(result.best, plain_adam[0].best,
                                                                strict=True)])
     bulk = every.quantile(0.999).item()
     print(f"ZeRO-{zero_stage} Adam: max abs difference to the plain update {diff:.3g}, 99.9% {bulk:.3g}")
@@ -218,11 +218,11 @@ def test_best_updated_step_matches_the_plain_update_when_step_zero_wins(small) -
     got = zero_targeted_update(small.model, small.rows, small.examples, small.pad, _scripted(vals), lr=1.0,
                                steps=STEPS, micro_batch_size=MICRO, zero_stage=2, progress=False)
     assert (got.best_step, got.best_val) == (want.best_step, want.best_val) == (0, 0.9)
-    assert all(torch.equal(d, torch.zeros_like(d)) for d in got.best_deltas)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in got.best)
     assert (got.best_updated_step, got.best_updated_val) == (want.best_updated_step,
                                                              want.best_updated_val) == (4, 0.5)
-    assert max(d.abs().max().item() for d in want.best_updated_deltas) > 1e-3
-    assert _max_diff(got.best_updated_deltas, want.best_updated_deltas) <= TOL_SGD
+    assert max(d.abs().max().item() for d in want.best_updated) > 1e-3
+    assert _max_diff(got.best_updated, want.best_updated) <= TOL_SGD
     _assert_plain_base(small)
 
 
@@ -236,9 +236,9 @@ def test_calls_in_a_row_on_one_model(small) -> None:
                                       progress=False)
         _assert_plain_base(small)
         runs.append(result)
-    assert all(torch.equal(a, b) for a, b in zip(runs[0].best_deltas, runs[1].best_deltas, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].best, runs[1].best, strict=True))
     assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
-    assert _max_diff(runs[0].best_deltas, runs[2].best_deltas) > 1e-3  # another lr, another update
+    assert _max_diff(runs[0].best, runs[2].best) > 1e-3  # another lr, another update
 
 
 @pytest.mark.slow
@@ -260,7 +260,7 @@ def test_nan_loss_raises_and_leaves_the_model_restored(small, plain_sgd, zero_st
     # the engine was torn down on the error: the next update runs as usual
     result = zero_targeted_update(model, small.rows, small.examples, small.pad, _recording(VALS, []), lr=1.0,
                                   steps=STEPS, micro_batch_size=MICRO, zero_stage=zero_stage, progress=False)
-    assert _max_diff(result.best_deltas, plain_sgd[0].best_deltas) <= TOL_SGD
+    assert _max_diff(result.best, plain_sgd[0].best) <= TOL_SGD
     _assert_plain_base(small)
 
 

@@ -5,20 +5,21 @@ update (step 0 included, best step kept)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import solution_to_cot
 from cca_ray.sampling.base import encode_prompts
-from cca_ray.update.train import UpdateError
+from cca_ray.update.deepspeed import ds_config, gathered, init_distributed, restored
+from cca_ray.update.loop import TrainResult, UpdateError, keep_best, schedule
 
 log = logging.getLogger("cca_ray")
 
@@ -70,17 +71,6 @@ def cosine_lr(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@dataclass
-class SFTResult:
-    best_step: int
-    best_val: float
-    best_weights: dict[str, torch.Tensor]  # changed parameters at the best step (LoRA: merged)
-    history: list[dict] = field(default_factory=list)
-    trainable_parameters: int = 0
-    changed_parameters: int = 0  # entries of the base model the best model changes
-    seconds: float = 0.0
-
-
 def _lora(model, r: int, alpha: int, dropout: float):
     from peft import LoraConfig, get_peft_model
 
@@ -107,11 +97,11 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
              steps: int = 100, batch_size: int = 8, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
              warmup_fraction: float = 0.03, eval_every: int = 10, seed: int = 0, lora_r: int = 16,
              lora_alpha: int = 32, lora_dropout: float = 0.1, zero_stage: int | None = None,
-             progress: bool = True, desc: str = "sft") -> SFTResult:
+             progress: bool = True, desc: str = "sft") -> TrainResult[dict[str, torch.Tensor]]:
     """Fine-tune on ``examples`` for ``steps`` optimizer steps; ``validate(weights)`` scores the
     model as it stands (weights: the changed parameters' current values) at step 0, every
-    ``eval_every`` steps and at the end. The model is left holding its BASE weights; the best
-    step's changed weights are returned (apply them with load_state_dict(strict=False)).
+    ``eval_every`` steps and at the end. The model is left holding its BASE weights; the snapshots
+    are the changed weights (LoRA: merged; apply them with load_state_dict(strict=False)).
 
     ``zero_stage`` (full fine-tuning only): train inside a DeepSpeed ZeRO engine at that stage (world
     size 1; the TrainerActor's path): same AdamW, schedule and clipping, DeepSpeed doing backward,
@@ -139,28 +129,14 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
     rng = random.Random(seed)
 
     engine = None
+    pending: list[torch.Tensor] = []  # this step's loss, for backward once it is known to be finite
 
     def current() -> dict[str, torch.Tensor]:
+        net.eval()
         if method == "lora":
             return _merged_lora_weights(net)
-        with _full_weights(model, zero_stage):
+        with gathered(list(model.parameters()), zero_stage or 0):  # full parameters under ZeRO-3
             return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-
-    def train_step(batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        if engine is not None:
-            loss = engine(**batch).loss
-            _check(loss, step, lr)
-            engine.backward(loss)
-            engine.step()  # clips (gradient_clipping), steps AdamW and the cosine schedule
-            return loss
-        loss = net(**batch).loss
-        _check(loss, step, lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        sched.step()
-        return loss
 
     def batches():
         while True:
@@ -169,43 +145,44 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
             for s in range(0, max(1, len(order) - batch_size + 1), batch_size):
                 yield [examples[i] for i in order[s : s + batch_size]]
 
-    checks = set(range(0, steps + 1, max(1, eval_every))) | {steps}
+    it = batches()
+
+    def loss(step: int) -> float:
+        net.train()
+        batch = collate(next(it), pad_id, device)
+        pending[:] = [(engine if engine is not None else net)(**batch).loss]
+        return pending[0].item()
+
+    def advance() -> None:
+        loss = pending.pop()
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()  # clips (gradient_clipping), steps AdamW and the cosine schedule
+            return
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+
     try:
         if zero_stage is not None:
             engine = _zero_engine(model, opt, sched, zero_stage, batch_size, max_grad_norm)
             log.info("%s: training inside a DeepSpeed ZeRO-%d engine", desc, zero_stage)
-        net.eval()
-        weights = current()
-        best = SFTResult(0, validate(weights), weights, trainable_parameters=sum(p.numel() for p in params))
-        best.history.append({"step": 0, "val_accuracy": best.best_val, "loss": None})
-        it = batches()
-        bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not progress)
-        for step in bar:
-            net.train()
-            loss = train_step(collate(next(it), pad_id, device), step)
-            record = {"step": step, "loss": loss.item()}
-            if step in checks:
-                net.eval()
-                weights = current()
-                record["val_accuracy"] = validate(weights)
-                if record["val_accuracy"] > best.best_val:
-                    best.best_step, best.best_val, best.best_weights = step, record["val_accuracy"], weights
-                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{record['val_accuracy']:.3f}")
-                log.info("%s step %d: loss %.4f, val accuracy %.4f", desc, step, loss.item(),
-                         record["val_accuracy"])
-            best.history.append(record)
+        result = keep_best(loss, advance, validate, current, lambda weights: weights, steps,
+                           schedule(steps, eval_every), lr=lr,
+                           trainable_parameters=sum(p.numel() for p in params), progress=progress,
+                           desc=desc, what="fine-tuning", lr_name="the lr")
     finally:
+        pending.clear()
         if method == "lora":
             net.unload()  # the plain model back, adapters removed
         if engine is not None:
             _zero_cleanup(engine)
         restore_base(model, base)
-    return changed_only(best, base, start)
-
-
-def _check(loss: torch.Tensor, step: int, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise UpdateError(f"fine-tuning loss is {loss.item()} at step {step} (lr {lr}): lower the lr")
+    changed_only(result, base)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _zero_engine(model, opt, sched, zero_stage: int, batch_size: int, max_grad_norm: float):
@@ -213,13 +190,11 @@ def _zero_engine(model, opt, sched, zero_stage: int, batch_size: int, max_grad_n
     model's pre-DeepSpeed state is recorded so _zero_cleanup can undo everything."""
     import deepspeed
 
-    from cca_ray.update.zero import _ds_config, _restored, init_distributed
-
     init_distributed()
     rows = {n: torch.arange(p.shape[0]) for n, p in model.named_parameters()}
-    restorer = _restored(model, rows, {n: p.detach().clone() for n, p in model.named_parameters()})
+    restorer = restored(model, rows, {n: p.detach().clone() for n, p in model.named_parameters()})
     restorer.__enter__()
-    config = _ds_config(zero_stage, batch_size, 1) | {"gradient_clipping": max_grad_norm}
+    config = ds_config(zero_stage, batch_size, 1) | {"gradient_clipping": max_grad_norm}
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config,
                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
@@ -232,24 +207,11 @@ def _zero_engine(model, opt, sched, zero_stage: int, batch_size: int, max_grad_n
 
 def _zero_cleanup(engine) -> None:
     """Destroy the engine and hand the model back free of DeepSpeed (hooks, partitions, buffers)."""
-    import gc
-
     try:
         engine.destroy()
     finally:
         engine._cca_restorer.__exit__(None, None, None)
         gc.collect()
-
-
-def _full_weights(model, zero_stage: int | None):
-    """The model's full parameters readable inside the block (gathered under ZeRO-3)."""
-    from contextlib import nullcontext
-
-    if zero_stage is None:
-        return nullcontext()
-    from cca_ray.update.zero import _gathered
-
-    return _gathered(list(model.parameters()), zero_stage)
 
 
 def restore_base(model, base: dict[str, torch.Tensor]) -> None:
@@ -262,9 +224,18 @@ def restore_base(model, base: dict[str, torch.Tensor]) -> None:
     model.eval()
 
 
-def changed_only(best: SFTResult, base: dict[str, torch.Tensor], start: float) -> SFTResult:
-    """Keep only the best weights that differ from the base; count the changed entries."""
-    best.best_weights = {n: w for n, w in best.best_weights.items() if not torch.equal(w, base[n].cpu())}
-    best.changed_parameters = sum(int((w != base[n].cpu()).sum()) for n, w in best.best_weights.items())
-    best.seconds = time.perf_counter() - start
-    return best
+def changed_only(result: TrainResult[dict[str, torch.Tensor]], base: dict[str, torch.Tensor]) -> None:
+    """Keep in every snapshot only the weights that differ from the base (a snapshot that several fields
+    share stays one object); count the entries the best snapshot changes."""
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def changed(snap: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        if snap is None:
+            return None
+        if id(snap) not in kept:
+            kept[id(snap)] = {n: w for n, w in snap.items() if not torch.equal(w, base[n].cpu())}
+        return kept[id(snap)]
+
+    result.best, result.best_updated, result.last = (changed(result.best), changed(result.best_updated),
+                                                      changed(result.last))
+    result.changed_parameters = sum(int((w != base[n].cpu()).sum()) for n, w in result.best.items())
