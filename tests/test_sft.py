@@ -61,7 +61,7 @@ def test_finetune_lowers_the_loss_and_restores_the_base(setup, method):
         seen.append(value)
         return value
 
-    res = finetune(model, examples, pad, validate, method=method, lr=3e-3, steps=12, batch_size=4,
+    res = finetune(model, examples, pad, validate, lora=method == "lora", lr=3e-3, steps=12, batch_size=4,
                    eval_every=4, progress=False)
     assert res.best_step > 0 and res.best_val > seen[0]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())  # base handed back
@@ -121,7 +121,7 @@ def test_full_finetune_under_deepspeed_zero_matches_plain(setup, zero_stage):
     linear = torch.nn.functional.linear
     runs = {}
     for stage in (None, zero_stage):
-        runs[stage] = finetune(model, examples, pad, lambda w: -_loss(model, examples, pad), method="full",
+        runs[stage] = finetune(model, examples, pad, lambda w: -_loss(model, examples, pad), lora=False,
                                lr=3e-3, steps=8, batch_size=4, eval_every=4, zero_stage=stage, progress=False)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())  # base handed back
         assert not any(hasattr(p, "ds_id") or p.requires_grad for p in model.parameters())

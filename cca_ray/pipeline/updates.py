@@ -65,7 +65,7 @@ def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tens
     on the train and the held-out pivots."""
     config, settings = pipe.config, pipe.config.update
     key = keys.rows_update_key(config, mask.key, arm, lr)
-    name = f"update-{arm}-lr{lr:g}"
+    stage = f"update-{arm}-lr{lr:g}"
     kind = method(name)
 
     def compute(tmp: Path) -> dict:
@@ -75,7 +75,7 @@ def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tens
         val_acc = validator(pipe, arm, lr, prep.splits.val, kind.schedule(config))
         examples = pivot_examples(update_subset(prep.pivots, settings.max_examples))
         common = dict(lr=lr, steps=settings.steps, optimizer=settings.optimizer,
-                      micro_batch_size=settings.micro_batch_size, progress=pipe.progress, desc=name)
+                      micro_batch_size=settings.micro_batch_size, progress=pipe.progress, desc=stage)
         try:
             if settings.zero_stage is None:
                 res = targeted_update(model, RowDeltas(model, rows), examples, pad, val_acc, **common)
@@ -100,7 +100,7 @@ def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tens
                 "trainable_parameters": res.trainable_parameters,
                 "changed_parameters": sum(int((d != 0).sum()) for d in res.best), "pivots": diagnostics}
 
-    path, meta = pipe.store.run(name, key, compute)
+    path, meta = pipe.store.run(stage, key, compute)
     pipe.timed(kind.timing, meta)
     return meta | {"path": str(path)}
 
@@ -156,7 +156,7 @@ def sft_run(pipe: Pipeline, name: str, lr: float, prep: Prepared, lora: bool) ->
         problems = [q for q in prep.splits.train if q.id in kept]
         examples = sft_examples(problems, pipe.m.prompt(config), pipe.m.tokenizer, sft.max_length)
         return finetune(pipe.m.model, examples, pipe.m.tokenizer.pad_token_id, validate,
-                        method="lora" if lora else "full", lr=lr, steps=sft.steps, batch_size=sft.batch_size,
+                        lora=lora, lr=lr, steps=sft.steps, batch_size=sft.batch_size,
                         weight_decay=sft.weight_decay, max_grad_norm=sft.max_grad_norm,
                         warmup_fraction=sft.warmup_fraction, eval_every=sft.eval_every, seed=config.data.seed,
                         lora_r=sft.lora_r, lora_alpha=sft.lora_alpha, lora_dropout=sft.lora_dropout,

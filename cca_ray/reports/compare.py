@@ -9,13 +9,12 @@ import math
 from pathlib import Path
 
 from cca_ray.io import atomic_write, write_json
+from cca_ray.methods import CCA, FULL_FT, LORA, METHODS, RANDOM
 from cca_ray.reports.plots import figure, log_axis, save_png
 
 
 def label(name: str) -> str:
     """A method's name for people (methods.py's label; an unknown name as it is)."""
-    from cca_ray.methods import METHODS
-
     return METHODS[name].label if name in METHODS else name
 
 
@@ -55,13 +54,13 @@ def build_comparison(model: str, base: dict, methods: dict[str, dict], info: dic
             "seed_test_accuracies": m.get("seed_test_accuracies"),
         }
     checks = {}
-    if "cca" in out:
-        cca = out["cca"]
-        if "random" in out:
-            checks["cca_gain_above_random"] = cca["gain"] > out["random"]["gain"]
+    if CCA in out:
+        cca = out[CCA]
+        if RANDOM in out:
+            checks["cca_gain_above_random"] = cca["gain"] > out[RANDOM]["gain"]
             lo, hi = cca["gain_ci95"]  # a larger gain inside CCA's own interval is not beyond noise
-            checks["random_gain_inside_cca_ci"] = bool(lo <= out["random"]["gain"] <= hi)
-        for other in ("lora", "full_ft"):
+            checks["random_gain_inside_cca_ci"] = bool(lo <= out[RANDOM]["gain"] <= hi)
+        for other in (LORA, FULL_FT):
             if other in out:
                 ratio = (out[other]["params_changed_fraction"] / cca["params_changed_fraction"]
                          if cca["params_changed_fraction"] else None)
@@ -119,8 +118,8 @@ def render_markdown(r: dict) -> str:
               "- *gain*: macro test accuracy minus the base's; the interval is a t interval over the "
               "per-template differences.",
               "- *wall time*: the method's Tune search plus its test and general evaluation."]
-    if r["methods"].get("random", {}).get("seed_test_accuracies"):
-        seeds = ", ".join(_pct(x) for x in r["methods"]["random"]["seed_test_accuracies"])
+    if r["methods"].get(RANDOM, {}).get("seed_test_accuracies"):
+        seeds = ", ".join(_pct(x) for x in r["methods"][RANDOM]["seed_test_accuracies"])
         lines.append(f"- random components: test accuracy is the mean over seeds ({seeds}), each with as "
                      "many components of each kind as CCA's mask at the tuned lr; its general-suite "
                      "deltas are seed 0's.")
@@ -128,14 +127,14 @@ def render_markdown(r: dict) -> str:
     if c:
         lines += ["", "## Checks", ""]
         if "cca_gain_above_random" in c:
-            diff = 100 * (r["methods"]["cca"]["gain"] - r["methods"]["random"]["gain"])
+            diff = 100 * (r["methods"][CCA]["gain"] - r["methods"][RANDOM]["gain"])
             inside = c.get("random_gain_inside_cca_ci")
             lines.append(f"- CCA's test gain above the random-component control: "
                          f"**{'yes' if c['cca_gain_above_random'] else 'no'}** (CCA - random = {diff:+.2f} "
                          f"points; the random control's gain lies {'inside' if inside else 'outside'} "
                          f"CCA's 95% interval over templates"
                          f"{', so the difference is not beyond noise' if inside else ''}).")
-        for other, need in (("lora", 10), ("full_ft", 100)):
+        for other, need in ((LORA, 10), (FULL_FT, 100)):
             ratio = c.get(f"{other}_over_cca_params_changed")
             if f"{other}_over_cca_params_changed" in c:
                 verdict = "n/a (CCA trains nothing)" if ratio is None else (

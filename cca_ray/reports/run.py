@@ -20,7 +20,7 @@ def _ordered(test: list[Problem], correct: dict[tuple, bool]) -> list[bool]:
     return [correct[p.key] for p in test]
 
 
-def _p(test: list[Problem], a: dict[tuple, bool], b: dict[tuple, bool]) -> float:
+def _mcnemar(test: list[Problem], a: dict[tuple, bool], b: dict[tuple, bool]) -> float:
     """Exact McNemar p of two models' per-problem test correctness."""
     return mcnemar_p(_ordered(test, a), _ordered(test, b))
 
@@ -39,7 +39,7 @@ def _best_updated(arm: ArmResult, test: list[Problem], base_test: dict, n_params
     r, acc = arm.updated, accuracy_report(test, arm.updated_test)["accuracy"]
     return {"step": r["best_updated_step"], "lr": r["lr"], "val_accuracy": r["best_updated_val"],
             "test_accuracy": acc, "delta_vs_base": acc - accuracy_report(test, base_test)["accuracy"],
-            "p_value_vs_base": _p(test, arm.updated_test, base_test),
+            "p_value_vs_base": _mcnemar(test, arm.updated_test, base_test),
             "params_changed": r["trainable_parameters"],
             "params_changed_fraction": r["trainable_parameters"] / n_params}
 
@@ -77,10 +77,10 @@ def build_report(c: CCAConfig, model_path: str, n_params: int, prep: Prepared, d
     base_v = [correct["val"][p.key] for p in splits.val]
     selected = dcm_meta["components_selected"]
     changed = best_cca["trainable_parameters"] if best_cca["best_step"] > 0 else 0
-    p_rand = [_p(test, cca.test, a.test) for a in randoms]
+    p_rand = [_mcnemar(test, cca.test, a.test) for a in randoms]
     rand_updated = [_best_updated(a, test, base_test, n_params) for a in randoms]
     cca_updated = _best_updated(cca, test, base_test, n_params)
-    p_rand_updated = [_p(test, cca.updated_test, a.updated_test) for a in randoms]
+    p_rand_updated = [_mcnemar(test, cca.updated_test, a.updated_test) for a in randoms]
     cca_updated |= {"p_value_vs_random": max(p_rand_updated) if p_rand_updated else None,
                     "p_values_vs_each_random_seed": p_rand_updated}
     return {
@@ -100,7 +100,7 @@ def build_report(c: CCAConfig, model_path: str, n_params: int, prep: Prepared, d
                 "components_fraction": selected / space.total,
                 "selected_per_kind": dcm_meta["selected_per_kind"],
                 "params_changed": changed, "params_changed_fraction": changed / n_params,
-                "p_value_vs_base": _p(test, cca.test, base_test),
+                "p_value_vs_base": _mcnemar(test, cca.test, base_test),
                 "p_value_vs_random": max(p_rand) if p_rand else None,
                 "p_values_vs_each_random_seed": p_rand,
                 "delta_vs_base": cca_rep["accuracy"] - base_rep["accuracy"],

@@ -93,7 +93,7 @@ def _merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
 
 
 def finetune(model, examples: list[SFTExample], pad_id: int,
-             validate: Callable[[dict[str, torch.Tensor]], float], method: str = "full", lr: float = 1e-5,
+             validate: Callable[[dict[str, torch.Tensor]], float], lora: bool = False, lr: float = 1e-5,
              steps: int = 100, batch_size: int = 8, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
              warmup_fraction: float = 0.03, eval_every: int = 10, seed: int = 0, lora_r: int = 16,
              lora_alpha: int = 32, lora_dropout: float = 0.1, zero_stage: int | None = None,
@@ -103,20 +103,19 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
     ``eval_every`` steps and at the end. The model is left holding its BASE weights; the snapshots
     are the changed weights (LoRA: merged; apply them with load_state_dict(strict=False)).
 
-    ``zero_stage`` (full fine-tuning only): train inside a DeepSpeed ZeRO engine at that stage (world
-    size 1; the TrainerActor's path): same AdamW, schedule and clipping, DeepSpeed doing backward,
-    clipping and the step; the model holds no DeepSpeed state afterwards."""
-    if method not in ("full", "lora"):
-        raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
-    if zero_stage is not None and method != "full":
+    ``lora``: train LoRA adapters (peft) instead of every parameter. ``zero_stage`` (full fine-tuning
+    only): train inside a DeepSpeed ZeRO engine at that stage (world size 1; the TrainerActor's
+    path): same AdamW, schedule and clipping, DeepSpeed doing backward, clipping and the step; the
+    model holds no DeepSpeed state afterwards."""
+    if zero_stage is not None and lora:
         raise ValueError("zero_stage applies to full fine-tuning only (LoRA trains in PyTorch)")
     if not examples:
         raise UpdateError("fine-tuning got no training examples")
     start = time.perf_counter()
     device = next(model.parameters()).device
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    net = _lora(model, lora_r, lora_alpha, lora_dropout) if method == "lora" else model
-    if method == "full":
+    net = _lora(model, lora_r, lora_alpha, lora_dropout) if lora else model
+    if not lora:
         for p in model.parameters():
             p.requires_grad_(True)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -133,7 +132,7 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
 
     def current() -> dict[str, torch.Tensor]:
         net.eval()
-        if method == "lora":
+        if lora:
             return _merged_lora_weights(net)
         with gathered(list(model.parameters()), zero_stage or 0):  # full parameters under ZeRO-3
             return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
@@ -175,7 +174,7 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
                            desc=desc, what="fine-tuning", lr_name="the lr")
     finally:
         pending.clear()
-        if method == "lora":
+        if lora:
             net.unload()  # the plain model back, adapters removed
         if engine is not None:
             _zero_cleanup(engine)
