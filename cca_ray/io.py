@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,24 @@ def atomic_write(path: str | Path, write, binary: bool = False) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A folder written whole or not at all: yields a temp folder beside ``path`` to fill, which then
+    replaces ``path`` (a crash leaves the old folder, or none, and a hidden temp folder removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write one JSON object per line, atomically (temp file + rename)."""
 
@@ -81,11 +101,12 @@ def write_text(text: str, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
 
-def write_safetensors(tensors: dict[str, Any], path: str | Path) -> Path:
+def write_safetensors(tensors: dict[str, Any], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> Path:
     """Write tensors as one safetensors file atomically (a crash leaves the old file or none)."""
     from safetensors.torch import save
 
-    data = save({k: v.contiguous() for k, v in tensors.items()})
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     return atomic_write(path, lambda f: f.write(data), binary=True)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cca_ray.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,11 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> Path:
     model.tie_weights()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     write_fact_tasks(out)  # after the move: the task YAMLs hold absolute data paths
-    (out / MARKER).write_text(json.dumps({
-        "gguf": str(gguf), "bytes": gguf.stat().st_size, "seconds": round(time.time() - start, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "architecture": config.model_type}, indent=2))
+    write_json({"gguf": str(gguf), "bytes": gguf.stat().st_size, "seconds": round(time.time() - start, 1),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "architecture": config.model_type}, out / MARKER)
     return out

@@ -12,7 +12,7 @@ from cca_ray.components import component_space
 from cca_ray.data.answers import macro_accuracy
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.evaluate import accuracy_report, general_deltas, general_scores
-from cca_ray.io import read_jsonl, write_jsonl
+from cca_ray.io import atomic_dir, read_jsonl, write_jsonl
 from cca_ray.methods import CCA, RANDOM, method
 from cca_ray.pipeline import keys
 from cca_ray.pipeline.run import Mask, Pipeline, Prepared, correct_map, correct_rows
@@ -67,9 +67,9 @@ def general_change(pipe: Pipeline, arm: str, base_key: str, run: dict) -> dict:
 def export(pipe: Pipeline, run: dict) -> dict:
     """The updated model as an HF folder and the sparse row delta, under DIR/cca_model."""
     out = pipe.out / "cca_model"
-    with pipe.engines.merged(run) as (rows, new):
-        pipe.m.model.save_pretrained(out, safe_serialization=True)
-        pipe.m.tokenizer.save_pretrained(out)
+    with pipe.engines.merged(run) as (rows, new), atomic_dir(out) as tmp:
+        pipe.m.model.save_pretrained(tmp, safe_serialization=True)
+        pipe.m.tokenizer.save_pretrained(tmp)
         save_delta(rows, new, pipe.out / "cca_delta.safetensors", base=pipe.m.path,
                    extra={"best_step": run["best_step"], "lr": run["lr"]})
     return {"model": str(out), "delta": str(pipe.out / "cca_delta.safetensors")}

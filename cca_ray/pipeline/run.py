@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cca_ray.components import KINDS
 from cca_ray.config import CCAConfig, dump_config
@@ -20,7 +20,7 @@ from cca_ray.data.gsm_symbolic import load_jsonl, write_problems
 from cca_ray.data.splits import Splits, split_problems, write_splits
 from cca_ray.data.template_filter import select_templates, template_accuracies
 from cca_ray.dcm import DCMResult, Example, learn_mask, selected_components
-from cca_ray.io import read_jsonl, write_json, write_jsonl, write_text
+from cca_ray.io import read_jsonl, write_json, write_jsonl, write_safetensors, write_text
 from cca_ray.localize import LocalizationError, Pivot, localize, pivot_kinds, split_pivots
 from cca_ray.methods import CCA, RANDOM, method
 from cca_ray.pipeline import keys
@@ -230,7 +230,7 @@ class Pipeline:
                 lr_step_epochs=settings.lr_step_epochs, lr_gamma=settings.lr_gamma,
                 early_stop_fraction=settings.early_stop_fraction, seed=settings.seed,
                 architecture=self.config.model.architecture, progress=self.progress)
-            save_file({k: v.contiguous() for k, v in res.masks.items()}, str(tmp / "mask.safetensors"))
+            write_safetensors(res.masks, tmp / "mask.safetensors")
             summary = res.summary()
             write_json(summary, tmp / "summary.json")
             log.info("DCM: %d of %d components selected (%.2f%%) %s", summary["components_selected"],

@@ -10,12 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from cca_ray.components import component_space
 from cca_ray.data.answers import macro_accuracy
 from cca_ray.data.gsm_symbolic import Problem
-from cca_ray.io import write_json
+from cca_ray.io import write_json, write_safetensors
 from cca_ray.localize import Pivot
 from cca_ray.methods import method
 from cca_ray.pipeline import keys
@@ -54,7 +53,7 @@ def validator(pipe: Pipeline, arm: str, lr: float, val: list[Problem], steps: li
 
 
 def _save_deltas(deltas: list[torch.Tensor], path: Path) -> None:
-    save_file({f"delta.{i}": d.contiguous() for i, d in enumerate(deltas)}, str(path))
+    write_safetensors({f"delta.{i}": d for i, d in enumerate(deltas)}, path)
 
 
 def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tensor], mask: Mask,
@@ -90,7 +89,7 @@ def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tens
         _save_deltas(res.best, tmp / "best_deltas.safetensors")
         _save_deltas(res.last, tmp / "last_deltas.safetensors")
         _save_deltas(res.best_updated, tmp / "best_updated_deltas.safetensors")
-        save_file(dict(rows), str(tmp / "rows.safetensors"))
+        write_safetensors(dict(rows), tmp / "rows.safetensors")
         write_json(res.history, tmp / "history.json")
         diagnostics = pivot_diagnostics(
             model, rows, {"best": res.best, "best_updated": res.best_updated},
@@ -119,7 +118,7 @@ def _weights_stage(pipe: Pipeline, name: str, lr: float, key: str, prep: Prepare
         finally:
             params = dict(pipe.m.model.named_parameters())
             pipe.engines.push({n: params[n] for n in pushed})  # the engine back to the base weights
-        save_file({n: w.contiguous() for n, w in res.best.items()}, str(tmp / "best_weights.safetensors"))
+        write_safetensors(res.best, tmp / "best_weights.safetensors")
         write_json(res.history, tmp / "history.json")
         return {"arm": name, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,
                 "trainable_parameters": res.trainable_parameters,

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from cca_ray.io import atomic_dir, write_safetensors
 
 
 def save_delta(rows: dict[str, torch.Tensor], values: dict[str, torch.Tensor], path: str | Path,
@@ -19,10 +21,7 @@ def save_delta(rows: dict[str, torch.Tensor], values: dict[str, torch.Tensor], p
         tensors[f"{name}::rows"] = r.to(torch.int64).contiguous()
         tensors[f"{name}::values"] = values[name].contiguous()
     meta = {"format": "cca-ray-row-delta/1", "base": base, "extra": json.dumps(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_safetensors(tensors, path, metadata=meta)
 
 
 def load_delta(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -59,7 +58,7 @@ def apply_delta(base: str | Path, delta_path: str | Path, out: str | Path, dtype
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     apply_delta_to(model, load_delta(delta_path))
-    out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    return Path(out)
