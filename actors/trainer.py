@@ -13,11 +13,11 @@ from typing import Any
 import ray
 
 from cca_ray.config import parse_config
-from cca_ray.io import read_json
 from cca_ray.logs import log_to
 from cca_ray.methods import CCA, method
 from cca_ray.pipeline import evaluate
 from cca_ray.pipeline.run import Pipeline
+from cca_ray.pipeline.updates import validations
 
 
 class Trainer:
@@ -73,10 +73,9 @@ class Trainer:
             raise outcome["error"]
         run = outcome["run"]
         if not streamed:
-            for h in read_json(Path(run["path"]) / "history.json"):
-                if "val_accuracy" in h:
-                    yield {"kind": "validation", "arm": name, "lr": run["lr"], "step": h["step"],
-                           "val_accuracy": h["val_accuracy"], "replayed": True}
+            for step, acc in validations(run):
+                yield {"kind": "validation", "arm": name, "lr": run["lr"], "step": step, "val_accuracy": acc,
+                       "replayed": True}
         yield {"kind": "final", **run}
 
     def general_deltas(self, run: dict, name: str = CCA) -> dict:

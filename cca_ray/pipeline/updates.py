@@ -14,7 +14,7 @@ import torch
 from cca_ray.components import component_space
 from cca_ray.data.answers import macro_accuracy
 from cca_ray.data.gsm_symbolic import Problem
-from cca_ray.io import write_json, write_safetensors
+from cca_ray.io import read_json, write_json, write_safetensors
 from cca_ray.localize import Pivot
 from cca_ray.methods import method
 from cca_ray.pipeline import keys
@@ -31,6 +31,12 @@ def update_subset(pivots: list[Pivot], max_examples: int | None) -> list[Pivot]:
         return pivots
     keep = set(random.Random(0).sample(range(len(pivots)), max_examples))
     return [p for i, p in enumerate(pivots) if i in keep]
+
+
+def validations(run: dict) -> list[tuple[int, float]]:
+    """(step, val accuracy) of every validation a stored run made, in order (from its history)."""
+    return [(h["step"], h["val_accuracy"]) for h in read_json(Path(run["path"]) / "history.json")
+            if "val_accuracy" in h]
 
 
 def validator(pipe: Pipeline, arm: str, lr: float, val: list[Problem], steps: list[int],

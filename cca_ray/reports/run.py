@@ -9,7 +9,7 @@ from cca_ray.config import BUILTIN, CCAConfig
 from cca_ray.data.answers import macro_accuracy
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.evaluate import accuracy_report, mcnemar_p
-from cca_ray.io import atomic_write, read_json, write_json
+from cca_ray.io import atomic_write, write_json
 
 if TYPE_CHECKING:
     from cca_ray.pipeline.evaluate import ArmResult
@@ -27,11 +27,9 @@ def _mcnemar(test: list[Problem], a: dict[tuple, bool], b: dict[tuple, bool]) ->
 
 def val_curves(runs: list[dict]) -> dict[str, list[list]]:
     """lr -> [[step, val_accuracy], ...] of each run, read from its stored history."""
-    out = {}
-    for r in sorted(runs, key=lambda r: r["lr"]):
-        history = read_json(Path(r["path"]) / "history.json")
-        out[f"{r['lr']:g}"] = [[h["step"], h["val_accuracy"]] for h in history if "val_accuracy" in h]
-    return out
+    from cca_ray.pipeline.updates import validations
+
+    return {f"{r['lr']:g}": [list(v) for v in validations(r)] for r in sorted(runs, key=lambda r: r["lr"])}
 
 
 def _best_updated(arm: ArmResult, test: list[Problem], base_test: dict, n_params: int) -> dict:
