@@ -1,7 +1,7 @@
 """Everyday one- and two-step arithmetic stories with small operands, as GSM-Symbolic templates.
 
 The built-in world's stories (operands up to 35, up to three steps, its own cue words) are what
-its tiny model was trained on; a real pretrained 135M model solves 9% of them. These are the
+its tiny model was trained on; a small real pretrained model solves few of them. These are the
 kind of problem such a model partly solves (GSM8K style, numbers 2-12), so CCA has wrong greedy
 traces with right sampled ones to learn from. ``python -m cca_ray.data.basic_templates``
 rewrites the JSON files in cca_ray/data/basic/ (a test checks they match).
