@@ -1,6 +1,7 @@
 """The methods a run or a comparison trains, in one table: name -> what it trains on, how one run at
 one lr is made, its validation schedule and its lr range. Adding a method is one row here (and its
-lr range in config.MethodRanges); everything else looks methods up by name."""
+lr range in config.MethodRanges); everything else looks methods up by name. Words: a method's
+*name* is its key here; an *arm* is one series of its runs (random's carry their seed: random0)."""
 
 from __future__ import annotations
 
