@@ -212,6 +212,16 @@ def cmd_apply_delta(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    """A run's sparse delta as a peft LoRA adapter (exact: a row update is a low-rank product)."""
+    from cca_ray.update.lora_export import export_lora
+
+    info = export_lora(args.run, args.out, base=args.base)
+    print(f"wrote {info['path']}: {info['modules']} modules, ranks up to {info['max_rank']} (vLLM needs "
+          f"max_lora_rank >= {info['max_rank']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cca-ray",
@@ -261,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("out", help="output HF folder")
     ad.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ad.set_defaults(func=cmd_apply_delta)
+
+    el = sub.add_parser("export-lora", help="a run's sparse delta as a peft LoRA adapter (exact)")
+    el.add_argument("run", help="a `cca-ray run` output folder (or its cca_delta.safetensors)")
+    el.add_argument("out", help="adapter folder to write (adapter_config.json, adapter_model.safetensors)")
+    el.add_argument("--base", help="base model (default: the one the delta names)")
+    el.set_defaults(func=cmd_export_lora)
 
     data = sub.add_parser("data", help="GSM-Symbolic data: instantiate templates, split")
     data_sub = data.add_subparsers(dest="data_command", required=True)

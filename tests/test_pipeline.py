@@ -210,6 +210,23 @@ def test_exported_model_is_rebuilt_bit_for_bit_from_the_delta(finished_run, smal
     assert all(torch.equal(exported[k], rebuilt[k]) for k in exported)
 
 
+def test_the_runs_lora_adapter_merges_to_its_exported_model(finished_run, small_model):
+    """DIR/cca_lora (written when the chosen step changed the model) is cca_model/ as a peft adapter."""
+    r = json.loads((finished_run / "report.json").read_text())
+    if r["cca"]["best_step"] == 0:
+        assert "lora" not in r["exports"] and not (finished_run / "cca_lora").exists()
+        return
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, finished_run / "cca_lora").merge_and_unload().state_dict()
+    exported = load_file(str(finished_run / "cca_model" / "model.safetensors"))
+    assert all(torch.allclose(merged[k], w, atol=1e-6, rtol=0) for k, w in exported.items())
+    assert r["exports"]["lora_max_rank"] >= 1
+
+
 def test_rerun_reuses_every_stage_and_gives_the_same_report(finished_run, small_model, problems_file):
     before = json.loads((finished_run / "report.json").read_text())
     config = finished_run.parent / "config.yaml"

@@ -4,6 +4,7 @@ test, the general suite before and after, the export of CCA's model and delta, a
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from cca_ray.methods import CCA, RANDOM, method
 from cca_ray.pipeline import keys
 from cca_ray.pipeline.run import Mask, Pipeline, Prepared, correct_map, correct_rows
 from cca_ray.update import save_delta
+from cca_ray.update.lora_export import write_lora_adapter
 
 
 def best_run(runs: list[dict], updated: bool = False) -> dict:
@@ -65,14 +67,23 @@ def general_change(pipe: Pipeline, arm: str, base_key: str, run: dict) -> dict:
 
 
 def export(pipe: Pipeline, run: dict) -> dict:
-    """The updated model as an HF folder and the sparse row delta, under DIR/cca_model."""
+    """The updated model as an HF folder (DIR/cca_model), the sparse row delta and, when the update
+    changed anything, the same delta as a peft LoRA adapter (DIR/cca_lora)."""
     out = pipe.out / "cca_model"
+    params = dict(pipe.m.model.named_parameters())
     with pipe.engines.merged(run) as (rows, new), atomic_dir(out) as tmp:
         pipe.m.model.save_pretrained(tmp, safe_serialization=True)
         pipe.m.tokenizer.save_pretrained(tmp)
         save_delta(rows, new, pipe.out / "cca_delta.safetensors", base=pipe.m.path,
                    extra={"best_step": run["best_step"], "lr": run["lr"]})
-    return {"model": str(out), "delta": str(pipe.out / "cca_delta.safetensors")}
+    exported = {"model": str(out), "delta": str(pipe.out / "cca_delta.safetensors")}
+    lora = pipe.out / "cca_lora"
+    shutil.rmtree(lora, ignore_errors=True)  # an earlier invocation's adapter is not this model's
+    if run["best_step"] > 0:  # the model is the base again here: its weights are the adapter's base
+        delta = {n: (r, new[n]) for n, r in rows.items()}
+        info = write_lora_adapter(delta, lambda n: params[n].detach().cpu(), pipe.m.path, lora)
+        exported |= {"lora": info["path"], "lora_max_rank": info["max_rank"]}
+    return exported
 
 
 @dataclass
