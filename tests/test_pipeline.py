@@ -227,6 +227,20 @@ def test_the_runs_lora_adapter_merges_to_its_exported_model(finished_run, small_
     assert r["exports"]["lora_max_rank"] >= 1
 
 
+def test_lm_eval_results_files_hold_the_reported_scores(finished_run):
+    """Each general stage keeps lm-eval's own results file (lm_eval/<arm>/results_<date>.json, what
+    lm-eval's --output_path writes), and the report's before/after scores are the ones in it."""
+    r = json.loads((finished_run / "report.json").read_text())
+    for arm, field in (("base", "before"), ("cca", "after")):
+        files = list((finished_run / "stages").glob(f"general-{arm}-*/lm_eval/{arm}/results_*.json"))
+        assert len(files) == 1, arm
+        doc = json.loads(files[0].read_text())
+        assert {"results", "configs", "versions"} <= set(doc)
+        for task, g in r["general"].items():
+            key = next(k for k in doc["results"][task] if k.split(",")[0] == g["metric"])
+            assert doc["results"][task][key] == pytest.approx(g[field]), (arm, task)
+
+
 def test_rerun_reuses_every_stage_and_gives_the_same_report(finished_run, small_model, problems_file):
     before = json.loads((finished_run / "report.json").read_text())
     config = finished_run.parent / "config.yaml"

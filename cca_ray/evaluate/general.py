@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,13 +11,17 @@ _METRICS = ("acc", "exact_match", "mc2", "mc1", "acc_norm", "bleu_acc")
 
 def general_scores(model, tokenizer, tasks: list[str], num_fewshot: Mapping[str, int] | None = None,
                    include_path: str | Path | None = None, limit: int | None = None,
-                   batch_size: int = 32, max_length: int = 2048) -> dict[str, dict]:
+                   batch_size: int = 32, max_length: int = 2048, results_dir: str | Path | None = None,
+                   model_name: str = "model") -> dict[str, dict]:
     """task -> {score, stderr, metric} through lm-eval's HFLM on the model held in memory.
 
     Tasks with different few-shot counts run in separate lm-eval calls (its num_fewshot is global).
-    ``include_path`` adds a folder of local task YAMLs (the built-in world's tasks/).
+    ``include_path`` adds a folder of local task YAMLs (the built-in world's tasks/). ``results_dir``:
+    also write lm-eval's own results files there (results_<date>.json under a folder named after
+    ``model_name``, one per call), what lm-eval's command line writes with --output_path.
     """
     import lm_eval
+    from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -34,9 +39,13 @@ def general_scores(model, tokenizer, tasks: list[str], num_fewshot: Mapping[str,
         groups.setdefault(num_fewshot.get(task), []).append(task)
     out: dict[str, dict] = {}
     for shots, names in groups.items():
+        tracker = EvaluationTracker(output_path=str(results_dir)) if results_dir else None
         results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager,
                                           num_fewshot=shots, limit=limit, log_samples=False,
-                                          verbosity="ERROR")
+                                          verbosity="ERROR", evaluation_tracker=tracker,
+                                          model_args=f"pretrained={model_name}")
+        if tracker is not None:
+            tracker.save_results_aggregated(results=copy.deepcopy(results), samples=None)
         for name, metrics in results["results"].items():
             if name not in names:
                 continue  # group sub-entries are reported through their group

@@ -48,9 +48,10 @@ def general(pipe: Pipeline, arm: str, base_key: str, run: dict | None) -> dict:
     key = keys.general_key(pipe.config, base_key, run["path"] if run else None)
 
     def compute(tmp: Path) -> dict:
-        def score():
+        def score():  # lm-eval's own results files too, in the stage folder: lm_eval/<arm>/results_*.json
             return general_scores(pipe.m.model, pipe.m.tokenizer, settings.general_tasks,
-                                  settings.num_fewshot, pipe.m.local_tasks, settings.limit)
+                                  settings.num_fewshot, pipe.m.local_tasks, settings.limit,
+                                  results_dir=tmp / "lm_eval", model_name=arm)
         if run is None:
             return {"scores": score()}
         with pipe.engines.applied(run):
