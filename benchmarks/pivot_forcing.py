@@ -18,7 +18,6 @@ from pathlib import Path
 
 
 def main() -> None:
-    from cca_ray.config import load_config
     from cca_ray.data.answers import is_correct
     from cca_ray.localize.pivots import pivot_kind
     from cca_ray.pipeline.run import Pipeline
@@ -28,7 +27,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=6, help="pivots to print in full")
     args = ap.parse_args()
     run = Path(args.run)
-    pipe = Pipeline(load_config(run / "config.yaml"), run, progress=False)
+    pipe = Pipeline.reopen(run)  # its stages, reused
     prep = pipe.prepare()
     tok = pipe.m.tokenizer
     gold = {p.key: p.gold for p in prep.splits.train}

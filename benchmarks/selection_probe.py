@@ -22,7 +22,6 @@ import torch
 
 def main() -> None:
     from cca_ray.components import KINDS, component_space, scaled
-    from cca_ray.config import load_config
     from cca_ray.dcm import Example
     from cca_ray.dcm.batches import full_logits, logit_difference
     from cca_ray.pipeline.run import Pipeline, pivot_examples
@@ -37,7 +36,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="random selections to compare")
     args = ap.parse_args()
     run = Path(args.run)
-    pipe = Pipeline(load_config(run / "config.yaml"), run, progress=False)  # its stages, reused
+    pipe = Pipeline.reopen(run)  # its stages, reused
     config = pipe.config
     prep = pipe.prepare()
     mask = pipe.dcm(prep)

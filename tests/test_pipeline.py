@@ -260,21 +260,20 @@ def test_stage_folders_are_the_configs_keys_and_a_change_recomputes_only_its_sta
     import re
     import shutil
 
+    from test_stage_keys import stage_keys
+
     from cca_ray.config import load_config
     from cca_ray.pipeline import keys
 
     c = load_config(finished_run.parent / "config.yaml")
     before = json.loads((finished_run / "report.json").read_text())
     folders = {p.name for p in (finished_run / "stages").iterdir() if p.is_dir()}
-    k = {"data": keys.data_key(c)}
-    k["base_eval"] = keys.base_key(c, k["data"])
-    k["traces"] = keys.traces_key(c, k["base_eval"], before["data"]["templates_kept"])
-    k["localize"] = keys.localize_key(c, k["traces"])
-    k["dcm"] = keys.dcm_key(c, keys.split_key(c, k["localize"]))
-    expected = {f"{name}-{key}" for name, key in k.items()}
-    for arm in ("cca", "random0", "random1"):
-        expected |= {f"update-{arm}-lr{lr:g}-{keys.rows_update_key(c, k['dcm'], arm, lr)}"
-                     for lr in (0.01, 0.05)}
+    k = stage_keys(c, before["data"]["templates_kept"], lrs=(0.01, 0.05))
+    expected = {f"{name}-{k[name]}" for name in ("data", "base_eval", "traces", "localize", "dcm")}
+    expected |= {f"update-cca-lr{lr:g}-{k[f'update-cca-{lr}']}" for lr in (0.01, 0.05)}
+    expected |= {f"update-random0-lr{lr:g}-{k[f'update-random0-{lr}']}" for lr in (0.01, 0.05)}
+    expected |= {f"update-random1-lr{lr:g}-{keys.rows_update_key(c, k['dcm'], 'random1', lr)}"
+                 for lr in (0.01, 0.05)}
     assert expected <= folders
 
     out = tmp_path / "moved"

@@ -14,7 +14,7 @@ KEPT = ["t1", "t2"]
 LRS = (1e-3, 1e-2)
 
 
-def stage_keys(c: CCAConfig, kept: list = KEPT) -> dict[str, str]:
+def stage_keys(c: CCAConfig, kept: list = KEPT, lrs: tuple = LRS) -> dict[str, str]:
     """Every stage key of a run with this config (the update stages at LRS; test and general
     evaluations keyed on a fixed run folder, as the real ones are keyed on their run's folder)."""
     k = {"data": keys.data_key(c)}
@@ -23,7 +23,7 @@ def stage_keys(c: CCAConfig, kept: list = KEPT) -> dict[str, str]:
     k["localize"] = keys.localize_key(c, k["traces"])
     k["split"] = keys.split_key(c, k["localize"])
     k["dcm"] = keys.dcm_key(c, k["split"])
-    for lr in LRS:
+    for lr in lrs:
         k[f"update-cca-{lr}"] = keys.rows_update_key(c, k["dcm"], "cca", lr)
         k[f"update-random0-{lr}"] = keys.rows_update_key(c, k["dcm"], "random0", lr)
         k[f"update-no_mask-{lr}"] = keys.nomask_key(c, k["split"], "no_mask", lr)

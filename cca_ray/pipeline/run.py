@@ -5,6 +5,7 @@ Each stage takes its inputs explicitly and returns an artifact that carries its 
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -71,7 +72,7 @@ class Mask:
     masks: dict[str, torch.Tensor]
     meta: dict
 
-    @property
+    @functools.cached_property
     def selected(self) -> dict[str, torch.Tensor]:
         return selected_components(self.masks)
 
@@ -89,6 +90,13 @@ class Pipeline:
         self.engines = Engines(config, lambda: self.m, progress, sampler)
         self.on_validation = None  # called with {arm, lr, step, val_accuracy} at every validation
         self._m: Loaded | None = None
+
+    @classmethod
+    def reopen(cls, run_dir: str | Path, progress: bool = False) -> Pipeline:
+        """The pipeline of a finished `cca-ray run` folder (its config.yaml; its stages are reused)."""
+        from cca_ray.config import load_config
+
+        return cls(load_config(Path(run_dir) / "config.yaml"), run_dir, progress)
 
     @property
     def m(self) -> Loaded:
