@@ -2,10 +2,11 @@
 shared by the model's stages and all its Tune trials. SamplerClient gives a caller the ordinary
 Sampler interface over the actor, with its own view of the weights.
 
-Each client keeps the weights it pushed (HF parameter names) and sends them, by object reference,
-with every call; the actor loads a client's weights only when they differ from what the engine
-holds and puts every other touched weight back to the checkpoint's. Calls run one at a time in the
-actor, so concurrent trials each generate with exactly their own weights."""
+Each client keeps the weight update it pushed (HF parameter name -> whole weight, changed rows or a
+LoRA product; sampling/weights.py) and sends it, by object reference, with every call; the actor
+loads a client's update only when it differs from what the engine holds, and puts every other
+touched weight back to the checkpoint's. Calls run one at a time in the actor, so concurrent trials
+each generate with exactly their own weights."""
 
 from __future__ import annotations
 
@@ -18,41 +19,46 @@ import torch
 from cca_ray.io import checkpoint_reader
 from cca_ray.sampling import make_sampler
 from cca_ray.sampling.base import Completion
+from cca_ray.sampling.weights import WeightUpdate, combine, detached, materialise
 
 
 class SamplerEngine:
     """The engine and its weight bookkeeping (plain class; SamplerActor is its Ray actor)."""
 
     def __init__(self, backend: str, model_dir: str, dtype: str = "float32", batch_size: int = 64,
-                 max_new_tokens: int = 256, max_model_len: int = 4096):
+                 max_new_tokens: int = 256, max_model_len: int = 4096, sync_timeout: float = 300.0):
         self.backend, self.model_dir = backend, model_dir
         self.sampler = make_sampler(backend, model_dir, dtype=dtype, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, progress=False,
-                                    max_model_len=max_model_len)
+                                    max_model_len=max_model_len, sync_timeout=sync_timeout)
         self._base = checkpoint_reader(model_dir)
         self.loaded_key: tuple | None = None
         self.loaded: set[str] = set()  # HF names whose engine weight differs from the checkpoint's
         self.loads = 0  # how many times weights were loaded (the tests read it)
 
-    def _apply(self, weights: dict[str, torch.Tensor]) -> None:
-        if not weights:
+    def _apply(self, update: WeightUpdate) -> None:
+        if not update:
             return
         self.loads += 1
         if self.backend == "vllm":
-            self.sampler.push_weights(weights)
+            self.sampler.push_weights(update)
             return
         params = dict(self.sampler.model.named_parameters())
         with torch.no_grad():
-            for name, w in weights.items():
+            for name, entry in update.items():
+                w = materialise(entry, self._base(name))
                 params[name].copy_(w.to(params[name].device, params[name].dtype))
 
     def ensure(self, key: tuple | None, box: list) -> None:
-        """Make the engine hold the checkpoint plus this client's weights (box[0]: their ref)."""
+        """Make the engine hold the checkpoint plus this client's update (box[0]: its ref). A weight
+        another client changed is first put back where this client changes only part of it (rows,
+        a LoRA product): its other rows must be the checkpoint's."""
         if key == self.loaded_key:
             return
-        target: dict[str, torch.Tensor] = ray.get(box[0]) if box and box[0] is not None else {}
-        restore = {n: self._base(n) for n in self.loaded - target.keys()}
-        self._apply({**restore, **target})
+        target: WeightUpdate = ray.get(box[0]) if box and box[0] is not None else {}
+        partial = {n: None for n in self.loaded & target.keys() if not isinstance(target[n], torch.Tensor)}
+        self._apply(partial)
+        self._apply({**{n: None for n in self.loaded - target.keys()}, **target})
         self.loaded, self.loaded_key = set(target), key
 
     def generate(self, key: tuple | None, box: list, prompts: list[str],
@@ -86,7 +92,7 @@ class SamplerClient:
         self.handle = handle
         self.id = uuid.uuid4().hex
         self.version = 0
-        self.weights: dict[str, torch.Tensor] = {}
+        self.weights: WeightUpdate = {}
         self._ref: Any = None
         self._tokenizer: Any = None
 
@@ -97,9 +103,14 @@ class SamplerClient:
             self._tokenizer = ray.get(self.handle.get_tokenizer.remote())
         return self._tokenizer
 
-    def push_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """HF parameter name -> full weight, kept for every later call of this client."""
-        self.weights.update({n: w.detach().to("cpu").clone() for n, w in weights.items()})
+    def push_weights(self, weights: WeightUpdate) -> None:
+        """A weight update (sampling/weights.py), kept for every later call of this client; None
+        entries put those weights back to the checkpoint's."""
+        for name, entry in detached(weights).items():
+            if entry is None:
+                self.weights.pop(name, None)
+            else:
+                self.weights[name] = combine(self.weights.get(name), entry)
         self.version += 1
         self._ref = None
 

@@ -1,12 +1,16 @@
-"""DCM mask step: full recompute of every prefix vs KV reuse (prefix[:-1] cached once), side by side.
+"""DCM mask step: full recompute of every prefix vs KV reuse (prefix[:-1] cached once), side by side,
+and the KV memory held with and without the shared prompt.
 
 One step = forward at the last position under scaled() with masks 2m, loss -mean(logit diff) +
 lambda * sum(m), backward to the masks. Full recompute runs the whole left-padded prefix each step;
 KV reuse (PrefixCache) runs only the last token against a cache built once (its build time is printed
-but not counted in the step). Random-initialised Llama models: a small one like the built-in model
-and one of ~300M parameters (--large: ~1.6B, meant for a GPU in bf16).
+but not counted in the step). The prefixes are a few-shot prompt all of them share (--shared, default
+85% of the length) followed by each example's own tokens, as in CCA's 8-shot prompts: the cache holds
+that prompt once ("shared") or once per example ("per-example"), and both are timed. Random-initialised
+Llama models: a small one like the built-in model and one of ~300M parameters (--large: ~1.6B, meant
+for a GPU in bf16).
 
-    .venv/bin/python benchmarks/dcm_kv_reuse.py [--quick] [--device cuda] [--large]
+    .venv/bin/python benchmarks/dcm_kv_reuse.py [--quick] [--device cuda] [--large] [--shared 0.85]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cca_ray.components import KINDS, component_space, scaled
 from cca_ray.dcm import Example, PrefixCache, full_logits, logit_difference
+from cca_ray.dcm.batches import SHARE_MIN
 
 PAD = 0
 LAMBDA = 0.01
@@ -48,13 +53,14 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def setups(args: argparse.Namespace) -> list[Setup]:
-    """What to time. On CPU (2 cores) the 300M model runs batch 4 at 2048 tokens (a full-recompute step
-    of 8 x 2048 tokens would take over a minute and ~15 GB) and two repetitions."""
+    """What to time. On CPU (2 cores) the 300M model runs batch 8 up to 1024 tokens (a full-recompute
+    step of 8 x 2048 tokens would take over a minute and ~15 GB) and two repetitions."""
     if args.quick:
         return [Setup("tiny", TINY, [(64, 4, 3), (256, 4, 3)])]
     gpu = args.device == "cuda"
+    medium = [(512, 8, 5), (1024, 8, 5), (2048, 8, 5)] if gpu else [(512, 8, 2), (1024, 8, 2)]
     out = [Setup("small (built-in size)", SMALL, [(128, 8, 10), (512, 8, 10)]),
-           Setup("medium", MEDIUM, [(512, 8, 5), (2048, 8, 5)] if gpu else [(512, 8, 2), (2048, 4, 2)])]
+           Setup("medium", MEDIUM, medium)]
     if args.large:
         out.append(Setup("large", LARGE, [(512, 8, 5), (2048, 8, 3)] if gpu else [(512, 2, 1)]))
     return out
@@ -71,12 +77,15 @@ def make_model(config: dict, device: str, dtype: torch.dtype) -> LlamaForCausalL
     return model
 
 
-def make_examples(n: int, length: int, vocab: int, seed: int = 0) -> list[Example]:
-    """Random prefixes of 90-100% of `length` tokens (uneven, so left padding is exercised)."""
+def make_examples(n: int, length: int, vocab: int, shared: float, seed: int = 0) -> list[Example]:
+    """Prefixes of 90-100% of `length` tokens (uneven, so left padding is exercised) whose first
+    ``shared`` fraction of `length` is one prompt common to all."""
     rng = random.Random(seed)
+    prompt = [rng.randrange(1, vocab) for _ in range(int(shared * length))]
     out = []
     for _ in range(n):
-        ids = [rng.randrange(1, vocab) for _ in range(rng.randint(int(0.9 * length), length))]
+        own = rng.randint(int(0.9 * length), length) - len(prompt)
+        ids = prompt + [rng.randrange(1, vocab) for _ in range(max(own, 2))]
         desired, undesired = rng.sample(range(1, vocab), 2)
         out.append(Example(ids, desired, undesired))
     return out
@@ -117,37 +126,38 @@ def timed(fn: Callable[[], torch.Tensor], reps: int, device: str) -> tuple[float
     return statistics.median(times), peak, out
 
 
-def kv_bytes(cache: PrefixCache) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-               for per_example in cache.kv for k, v in per_example)
-
-
 def bench_run(model, masks: dict[str, torch.Tensor], length: int, batch_size: int, reps: int,
-              vocab: int, device: str) -> None:
-    """Time both ways on one batch of prefixes and print one block."""
-    examples = make_examples(batch_size, length, vocab)
+              vocab: int, device: str, shared: float) -> None:
+    """Time the three ways on one batch of prefixes and print one block."""
+    examples = make_examples(batch_size, length, vocab, shared)
     idx = list(range(batch_size))
     full_s, full_mem, full_out = timed(
         lambda: mask_step(model, masks, examples, lambda: full_logits(model, examples, PAD)), reps, device)
-    sync(device)
-    t0 = time.perf_counter()
-    cache = PrefixCache(model, examples, PAD, batch_size=batch_size)
-    sync(device)
-    build_s = time.perf_counter() - t0
-    kv_s, kv_mem, kv_out = timed(lambda: mask_step(model, masks, examples, lambda: cache.logits(idx)),
-                                 reps, device)
-    diff = (full_out - kv_out).abs().max().item()
-    mem = (f"\n    peak step memory: full {full_mem / 2**20:.0f} MiB, KV {kv_mem / 2**20:.0f} MiB "
-           f"({full_mem / max(kv_mem, 1):.1f}x)" if device == "cuda" else "")
+    caches, rows = {}, []
+    for name, share_min in (("per-example", 10**9), ("shared", SHARE_MIN)):
+        sync(device)
+        t0 = time.perf_counter()
+        cache = PrefixCache(model, examples, PAD, batch_size=batch_size, share_min=share_min)
+        sync(device)
+        build_s = time.perf_counter() - t0
+        kv_s, kv_mem, kv_out = timed(lambda c=cache: mask_step(model, masks, examples, lambda: c.logits(idx)),
+                                     reps, device)
+        caches[name] = cache
+        diff = (full_out - kv_out).abs().max().item()
+        mem = f", peak step {kv_mem / 2**20:.0f} MiB" if device == "cuda" else ""
+        rows.append(f"    KV reuse, {name:11s} {kv_s * 1e3:8.1f} ms/step | ratio {full_s / kv_s:6.1f}x | "
+                    f"KV held {cache.stored_bytes() / 2**20:8.1f} MiB | build {build_s * 1e3:.0f} ms "
+                    f"(= {build_s / kv_s:.1f} steps) | max |logit diff| vs full {diff:.1e}{mem}")
     note = "" if batch_size == 8 else f" (batch {batch_size}, not 8: {device} time/memory)"
-    print(f"  prefix ~{length}, batch {batch_size}, reps {reps}{note}\n"
-          f"    full recompute {full_s * 1e3:10.1f} ms/step | KV reuse {kv_s * 1e3:8.1f} ms/step | "
-          f"ratio {full_s / kv_s:6.1f}x\n"
-          f"    cache build (one-off) {build_s * 1e3:.1f} ms = {build_s / kv_s:.1f} KV steps, "
-          f"holds {kv_bytes(cache) / 2**20:.1f} MiB; max |logit diff| full vs KV {diff:.2e}{mem}")
+    full_mem_s = f", peak step {full_mem / 2**20:.0f} MiB" if device == "cuda" else ""
+    held = caches["per-example"].stored_bytes() / caches["shared"].stored_bytes()
+    shared_n = caches["shared"].shared_length
+    print(f"  prefix ~{length} ({shared_n} shared), batch {batch_size}, reps {reps}{note}\n"
+          f"    full recompute       {full_s * 1e3:8.1f} ms/step{full_mem_s}\n" + "\n".join(rows) +
+          f"\n    KV memory per-example / shared: {held:.1f}x")
 
 
-def bench_setup(setup: Setup, device: str, dtype: torch.dtype) -> None:
+def bench_setup(setup: Setup, device: str, dtype: torch.dtype, shared: float) -> None:
     """Build one model and time it at each of its (length, batch, reps)."""
     start = time.perf_counter()
     model = make_model(setup.config, device, dtype)
@@ -158,7 +168,7 @@ def bench_setup(setup: Setup, device: str, dtype: torch.dtype) -> None:
           f"built in {time.perf_counter() - start:.1f} s")
     masks = {k: torch.full(space.shape(k), 0.75, device=device, requires_grad=True) for k in KINDS}
     for length, batch_size, reps in setup.runs:
-        bench_run(model, masks, length, batch_size, reps, setup.config["vocab_size"], device)
+        bench_run(model, masks, length, batch_size, reps, setup.config["vocab_size"], device, shared)
 
 
 def main() -> None:
@@ -166,6 +176,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, short prefixes: a smoke run")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--large", action="store_true", help="add a ~1.6B model (meant for --device cuda)")
+    parser.add_argument("--shared", type=float, default=0.85, help="fraction of the prefix all share")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="default: float32 on cpu, bfloat16 on cuda")
     args = parser.parse_args()
@@ -175,7 +186,7 @@ def main() -> None:
           f"the masks; median of the timed repetitions after one warm-up")
     start = time.perf_counter()
     for setup in setups(args):
-        bench_setup(setup, args.device, dtype)
+        bench_setup(setup, args.device, dtype, args.shared)
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

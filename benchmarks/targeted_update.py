@@ -1,20 +1,36 @@
-"""Targeted update step: trainable row deltas (RowDeltas) vs full-parameter gradients masked afterwards.
+"""Targeted update step vs real full fine-tuning (AdamW) and LoRA: peak step memory, same model, same batch.
 
-One step = forward over a batch of prefixes, loss -mean(logit diff), backward, plain SGD on the
-selected rows (~2% of the components: Q/K/V heads and MLP neurons). "rows" trains only the selected
-rows as small delta tensors (the base weights never get a gradient); "full" is the naive way: every
-parameter requires grad, the full gradient is computed and then zeroed outside the rows. Each variant
-runs in a fresh subprocess; CPU memory is peak RSS minus RSS after the model load (the peak is reset
-through /proc/self/clear_refs where the kernel allows, else ru_maxrss), CUDA memory is
-max_memory_allocated minus the allocation after load.
+One step = forward over a batch of prefixes, loss -mean(logit diff), backward, an optimizer step. The
+variants, each in a fresh subprocess:
 
-    .venv/bin/python benchmarks/targeted_update.py [--quick] [--device cuda] [--large]
+  full_adamw       real full fine-tuning: every parameter trainable, torch AdamW over all of them
+                   (foreach=False: the per-parameter loop, no foreach temporaries), a step each step:
+                   gradients and both AdamW states count in the peak (allocated by the warm-up step and
+                   kept, so every measured step's peak includes them)
+  lora             peft LoRA r=16, alpha=32 on q/k/v/o/gate/up/down_proj, AdamW on the adapters
+  full             every parameter requires grad, the full gradient is masked to the rows afterwards
+                   and applied with plain SGD (the naive targeted update; no optimizer states)
+  rows             the targeted update as `cca_ray.update.targeted_update` runs it: RowDeltas (the base
+                   weights never get a gradient), plain SGD, the whole batch in one forward
+  rows_ckpt        rows with activation checkpointing (`update.gradient_checkpointing`)
+  rows_micro       rows in micro-batches of 1 with gradient accumulation (`update.micro_batch_size: 1`)
+  rows_micro_ckpt  both
+
+The selected rows are ~2% of the components (Q/K/V heads and MLP neurons). The baseline is taken after
+the model, the adapters or deltas and the optimizer exist but before the first (warm-up) step. CPU
+memory is peak RSS minus that baseline (the peak is reset through /proc/self/clear_refs where the kernel
+allows, else ru_maxrss; the workers run with a fixed glibc mmap threshold so freed large buffers leave
+the RSS and a step cannot hide in memory the model load freed); CUDA memory is max_memory_allocated
+minus the allocation at the baseline.
+
+    .venv/bin/python benchmarks/targeted_update.py [--quick] [--device cuda] [--large] [--length N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -29,9 +45,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cca_ray.components import KINDS, component_space
 from cca_ray.dcm import Example, full_logits, logit_difference
 from cca_ray.update import RowDeltas, selected_rows
+from cca_ray.update.train import accumulate, checkpointing, micro_batches
 
 PAD = 0
 LR = 1e-4
+VARIANTS = ("full_adamw", "lora", "full", "rows", "rows_ckpt", "rows_micro", "rows_micro_ckpt")
+TARGETED = ("rows", "rows_ckpt", "rows_micro", "rows_micro_ckpt")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GOAL = 1 / 3  # targeted update peak / full fine-tuning (AdamW) peak
 MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=32, vocab_size=500),
@@ -89,35 +110,44 @@ def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, dict[str, torch.T
     return model, rows, examples
 
 
+def row_grad_norm(params: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> float:
+    """The gradient's norm on the selected rows (the same for every variant that has full gradients)."""
+    with torch.no_grad():
+        return sum((params[n].grad[r].float() ** 2).sum().item() for n, r in rows.items()) ** 0.5
+
+
 def worker(args: argparse.Namespace) -> None:
     model, rows, examples = build(args)
     cuda = args.device == "cuda"
     n_params = sum(p.numel() for p in model.parameters())
     params = dict(model.named_parameters())
-    if args.variant == "rows":
+    rows = {n: r.to(args.device) for n, r in rows.items()}
+    variant = args.variant
+    if variant in TARGETED:
         for p in model.parameters():
             p.requires_grad_(False)
         deltas = RowDeltas(model, rows)
         trainable = deltas.parameter_count()
+        micro = micro_batches(examples, 1 if "micro" in variant else len(examples))
+        ckpt = variant.endswith("ckpt")
 
-        def step() -> tuple[float, float]:
+        def step() -> tuple[float, float]:  # the step of cca_ray.update.targeted_update (plain SGD)
             deltas.zero_grad(set_to_none=True)
-            with deltas.attached():
-                loss = -logit_difference(full_logits(model, examples, PAD), examples).mean()
-                loss.backward()
+            with deltas.attached(), checkpointing(model, ckpt):
+                loss = accumulate(model, micro, PAD, len(examples))
             norm = torch.sqrt(sum((d.grad.float() ** 2).sum() for d in deltas.deltas)).item()
             with torch.no_grad():
                 for d in deltas.deltas:
                     d -= LR * d.grad
-            return loss.item(), norm
-    else:
+            return loss, norm
+    elif variant == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         trainable = n_params
         keep = {}
         for name, r in rows.items():
             keep[name] = torch.zeros(params[name].shape[0], 1, dtype=torch.bool, device=args.device)
-            keep[name][r.to(args.device)] = True
+            keep[name][r] = True
 
         def step() -> tuple[float, float]:
             model.zero_grad(set_to_none=True)
@@ -131,6 +161,38 @@ def worker(args: argparse.Namespace) -> None:
                         sq += (g.float() ** 2).sum().item()
                         p -= LR * g
             return loss.item(), sq ** 0.5
+    elif variant == "full_adamw":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable = n_params
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+
+        def step() -> tuple[float, float]:  # plain full fine-tuning: the states come with the 1st step
+            opt.zero_grad(set_to_none=True)
+            loss = -logit_difference(full_logits(model, examples, PAD), examples).mean()
+            loss.backward()
+            norm = row_grad_norm(params, rows)
+            opt.step()
+            return loss.item(), norm
+    elif variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS))
+        adapters = [p for p in model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in adapters)
+        opt = torch.optim.AdamW(adapters, lr=LR, foreach=False)
+
+        def step() -> tuple[float, float]:
+            opt.zero_grad(set_to_none=True)
+            loss = -logit_difference(full_logits(model, examples, PAD), examples).mean()
+            loss.backward()
+            opt.step()
+            return loss.item(), float("nan")
+    else:
+        raise SystemExit(f"unknown variant {variant}")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -147,7 +209,7 @@ def worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
         first = first or out
     peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
-    print(json.dumps({"variant": args.variant, "params": n_params, "trainable": trainable,
+    print(json.dumps({"variant": variant, "params": n_params, "trainable": trainable,
                       "rows": sum(len(r) for r in rows.values()), "peak_bytes": peak,
                       "median_s": statistics.median(times[1:]), "first_loss": first[0],
                       "first_row_grad_norm": first[1],
@@ -161,7 +223,10 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", args.model,
            "--length", str(args.length), "--batch", str(args.batch), "--reps", str(args.reps),
            "--device", args.device, "--dtype", args.dtype, "--fraction", str(args.fraction)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # a fixed mmap threshold (glibc's adapts otherwise): every large buffer is mmapped and returned on
+    # free, so the RSS follows what is live and a step cannot reuse heap the model load left resident
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(1 << 17), "MALLOC_TRIM_THRESHOLD_": str(1 << 17)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{variant} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -178,7 +243,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="prefixes per step (default 4 cpu, 8 cuda)")
     parser.add_argument("--reps", type=int, default=None, help="timed steps after one warm-up")
     parser.add_argument("--fraction", type=float, default=0.02, help="selected fraction of each kind")
-    parser.add_argument("--worker", choices=["rows", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="which to run (default: all; full_adamw is the reference of the ratios)")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "cuda"
@@ -194,20 +261,41 @@ def main() -> None:
     cfg = MODELS[args.model]
     print(f"device {args.device}, dtype {args.dtype}, model {args.model} ({cfg['num_hidden_layers']} layers, "
           f"hidden {cfg['hidden_size']}, inter {cfg['intermediate_size']}), batch {args.batch} x "
-          f"~{args.length} tokens, {args.fraction:.0%} of each component kind selected, plain SGD lr {LR}; "
-          f"median of {args.reps} steps after a warm-up; each variant in a fresh process")
-    results = {v: run_variant(args, v) for v in ("rows", "full")}
-    r, f = results["rows"], results["full"]
-    weights = r["params"] * torch.finfo(getattr(torch, args.dtype)).bits // 8
-    print(f"params {r['params'] / 1e6:.1f}M ({weights / 2**20:.0f} MiB of weights), selected rows "
-          f"{r['rows']}; peak memory from {r['peak_source']}")
-    for name, res in (("rows (RowDeltas)", r), ("full grad + mask", f)):
-        print(f"  {name:17s} trainable {res['trainable'] / 1e6:9.3f}M | peak step memory "
-              f"{res['peak_bytes'] / 2**20:8.0f} MiB | step {res['median_s'] * 1e3:9.1f} ms | "
-              f"loss {res['first_loss']:.5f} | row grad norm {res['first_row_grad_norm']:.5e}")
-    print(f"ratio (full / rows): trainable {f['trainable'] / r['trainable']:.0f}x, "
-          f"peak memory {f['peak_bytes'] / max(r['peak_bytes'], 1):.2f}x, step time "
-          f"{f['median_s'] / r['median_s']:.2f}x")
+          f"~{args.length} tokens, {args.fraction:.0%} of each component kind selected, lr {LR}; "
+          f"median of {args.reps} steps after a warm-up; each variant in a fresh process", flush=True)
+    results = {}
+    for v in args.variants:
+        results[v] = run_variant(args, v)
+        print(f"  ran {v}: peak {results[v]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    any_res = next(iter(results.values()))
+    weights = any_res["params"] * torch.finfo(getattr(torch, args.dtype)).bits // 8
+    print(f"params {any_res['params'] / 1e6:.1f}M ({weights / 2**20:.0f} MiB of weights, not counted: "
+          f"loaded before the baseline), selected rows {any_res['rows']}; peak memory from "
+          f"{any_res['peak_source']}")
+    ref = results.get("full_adamw")
+    print(f"  {'variant':16s} {'trainable':>12s} | {'peak step MiB':>13s} | {'step ms':>9s} | "
+          f"{'peak / full_adamw':>17s} | {'first loss':>10s} | row grad norm")
+    for name, res in results.items():
+        ratio = f"{res['peak_bytes'] / ref['peak_bytes']:17.3f}" if ref else f"{'-':>17s}"
+        print(f"  {name:16s} {res['trainable']:12,d} | {res['peak_bytes'] / 2**20:13.0f} | "
+              f"{res['median_s'] * 1e3:9.1f} | {ratio} | {res['first_loss']:10.5f} | "
+              f"{res['first_row_grad_norm']:.5e}")
+    losses = [res["first_loss"] for res in results.values()]
+    spread = max(losses) - min(losses)
+    print(f"first loss: the same in every variant up to {spread:.2e} "
+          f"({'ok' if spread <= 1e-4 * max(1.0, abs(losses[0])) else 'MISMATCH'})")
+    if ref:
+        for name in [v for v in results if v != "full_adamw"]:
+            ratio = results[name]["peak_bytes"] / ref["peak_bytes"]
+            met = "met" if ratio <= GOAL else "NOT met"
+            goal = f" (goal <= {GOAL:.2f}: {met})" if name in TARGETED else ""
+            print(f"{name} / full_adamw = {ratio:.3f}{goal}; step time "
+                  f"{results[name]['median_s'] / ref['median_s']:.2f}x")
+        targeted = [v for v in results if v in TARGETED]
+        best = min(targeted, key=lambda v: results[v]["peak_bytes"], default=None)
+        if best:
+            print(f"lowest targeted peak: {best} / full_adamw = "
+                  f"{results[best]['peak_bytes'] / ref['peak_bytes']:.3f} (goal <= {GOAL:.2f})")
 
 
 if __name__ == "__main__":

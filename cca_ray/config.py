@@ -75,6 +75,8 @@ class SamplingConfig(Section):
     seed: int = Field(0, ge=0)
     cpu_threads: int | None = Field(None, ge=1, description="cores the in-process vLLM-CPU engine "
                                     "uses (None: vLLM's default, which keeps one core free)")
+    sync_timeout_s: float = Field(300.0, gt=0, description="a weight sync into vLLM that takes longer "
+                                  "fails the run or trial (Tune retries a trial)")
 
 
 class LocalizeConfig(Section):
@@ -103,6 +105,9 @@ class UpdateConfig(Section):
     steps: int = Field(50, ge=1, le=100_000)
     optimizer: Literal["sgd", "adam"] = "sgd"
     micro_batch_size: int = Field(8, ge=1)
+    gradient_checkpointing: bool = Field(False, description="recompute the decoder layers' activations in "
+                                         "the backward: the same deltas, a lower peak memory, a slower step "
+                                         "(the in-process update; zero_stage's ignores it)")
     kinds: list[Literal["q", "k", "v", "mlp"]] = Field(default_factory=lambda: ["q", "k", "v", "mlp"])
     lr_grid: list[float] = Field(default_factory=list,
                                  description="lrs tried for CCA and for each random seed alike (best by "
@@ -164,6 +169,17 @@ class Range(Section):
         return self
 
 
+class LoggersSection(Section):
+    """Tune's logger callbacks for a search. CSV and JSON are always written (Tune's own analysis
+    reads them); TensorBoard event files and an MLflow run per trial are chosen here."""
+
+    tensorboard: bool = True
+    mlflow: bool = Field(False, description="an MLflow run per trial (needs mlflow or mlflow-skinny)")
+    mlflow_tracking_uri: str | None = Field(None, description="default: a local SQLite file, "
+                                                              "OUT/mlflow.db (no server, works offline)")
+    mlflow_experiment: str | None = Field(None, description="default: the Tune experiment's name")
+
+
 class TuneSection(Section):
     """The per-model search (`cca-ray sweep`): DCM lambda and update lr, searched together."""
 
@@ -181,6 +197,7 @@ class TuneSection(Section):
     objective: Literal["val_accuracy", "val_minus_general_drop"] = "val_accuracy"
     general_penalty: float = Field(1.0, ge=0, description="objective = val - penalty x mean general drop")
     seed: int = Field(0, ge=0)
+    loggers: LoggersSection = Field(default_factory=LoggersSection)
 
 
 METHODS = ("cca", "full_ft", "lora", "no_mask", "random")  # `cca-ray compare`'s methods

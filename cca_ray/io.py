@@ -18,7 +18,8 @@ os.umask(_UMASK)
 def checkpoint_reader(model_dir: str | Path):
     """name -> tensor from an HF folder's safetensors (single file or sharded index), read lazily:
     one tensor at a time, e.g. to restore a few base weights without loading the model. A hub id
-    reads the local snapshot (the one the engine loaded; fetched if missing)."""
+    reads the local snapshot (the one the engine loaded; fetched if missing). ``read.shape(name)``
+    gives a tensor's shape without reading it."""
     from safetensors import safe_open
 
     if not Path(model_dir).is_dir():
@@ -36,6 +37,14 @@ def checkpoint_reader(model_dir: str | Path):
         with safe_open(str(model_dir / where[name]), framework="pt") as f:
             return f.get_tensor(name)
 
+    def shape(name: str) -> list[int]:
+        """The tensor's shape, from the file's header (nothing read)."""
+        if name not in where:
+            raise KeyError(f"{name} is not in the checkpoint at {model_dir}")
+        with safe_open(str(model_dir / where[name]), framework="pt") as f:
+            return list(f.get_slice(name).get_shape())
+
+    read.shape = shape  # type: ignore[attr-defined]
     return read
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -72,3 +73,28 @@ def result_rows(results, row: Callable[[dict, dict], dict]) -> list[dict]:
         rows.append({"trial_id": m.get("trial_id") or os.path.basename(str(res.path)), **row(m, cfg),
                      "error": str(res.error)[:500] if res.error else None})
     return rows
+
+
+def logger_callbacks(loggers, out: str | os.PathLike, experiment: str) -> list:
+    """Tune's logger callbacks as ``loggers`` (a config.LoggersSection) chooses: CSV and JSON always,
+    TensorBoard and MLflow (a local SQLite store, ``out``/mlflow.db, unless a tracking URI is set:
+    MLflow 3 refuses its old ./mlruns directory store unless MLFLOW_ALLOW_FILE_STORE=true).
+    Tune's automatic loggers are switched off so that TensorBoard can be: Tune then uses these only."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read by the driver's Tuner.fit()
+    callbacks: list = [CSVLoggerCallback(), JsonLoggerCallback()]
+    if loggers.tensorboard:
+        callbacks.append(TBXLoggerCallback())
+    if loggers.mlflow:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("loggers.mlflow is on but mlflow is not installed: pip install "
+                               "mlflow-skinny (or mlflow), or set loggers.mlflow: false") from e
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = loggers.mlflow_tracking_uri or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri,
+                                              experiment_name=loggers.mlflow_experiment or experiment))
+    return callbacks

@@ -18,13 +18,6 @@ from cca_ray.pipeline.run import Pipeline
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_sampler_actor_keeps_each_clients_weights(local_ray, small_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,8 +63,49 @@ def test_sampler_actor_keeps_each_clients_weights(local_ray, small_model):
     assert noisy_hf != base_hf
     assert [o[0].token_ids for o in c.generate(prompts)] == noisy_hf
     assert [o[0].token_ids for o in b.generate(prompts)] == base  # and back to the checkpoint
+
     ray.get(actor.close.remote())
     ray.kill(actor)
+
+
+def test_sampler_engine_gives_each_client_the_checkpoint_plus_its_own_rows(local_ray, small_model):
+    """Row updates (what CCA trials push) of two clients on the same weights, and a LoRA product of a
+    third: after each switch the engine's weights are exactly the checkpoint plus that client's update."""
+    from actors.sampler import SamplerClient, SamplerEngine
+    from cca_ray.io import checkpoint_reader
+    from cca_ray.sampling.weights import LowRank, Rows, materialise
+
+    engine = SamplerEngine("hf", str(small_model), max_new_tokens=4)
+    params = dict(engine.sampler.model.named_parameters())
+    read = checkpoint_reader(small_model)
+    names = [n for n in params if n.endswith(("mlp.up_proj.weight", "self_attn.q_proj.weight"))]
+    g = torch.Generator().manual_seed(0)
+
+    def rows(index: list[int]) -> dict:
+        return {n: Rows(torch.tensor(index), torch.randn(len(index), params[n].shape[1], generator=g))
+                for n in names}
+
+    updates = {"d": rows([0, 1, 2, 3, 10]), "e": rows([2, 3, 4, 20]),
+               "f": {n: LowRank(torch.randn(2, params[n].shape[1], generator=g),
+                                torch.randn(params[n].shape[0], 2, generator=g), 0.5) for n in names[:2]}}
+    for key in ("d", "e", "f", "d", None):
+        update = updates[key] if key else {}
+        engine.ensure((key, 0) if key else None, [ray.put(update)] if key else [None])
+        for n in params:
+            want = materialise(update.get(n), read(n))
+            assert torch.equal(params[n].detach(), want.to(params[n].dtype)), (key, n)
+    assert engine.loaded == set()
+
+    # a client that pushes rows, then other rows of the same weight, holds both (the later win)
+    client = SamplerClient(None)
+    client.push_weights(updates["d"])
+    client.push_weights(updates["e"])
+    held = client.weights[names[0]]
+    assert sorted(held.index.tolist()) == [0, 1, 2, 3, 4, 10, 20]
+    at = held.index.tolist().index(2)
+    assert torch.equal(held.values[at], updates["e"][names[0]].values[0])  # row 2: e's value
+    client.push_weights(dict.fromkeys(names))  # None: back to the checkpoint's
+    assert client.weights == {}
 
 
 def test_trainer_actor_zero2_update_matches_plain_update(local_ray, small_model, problems_file, tmp_path):

@@ -127,6 +127,62 @@ def test_kv_reuse_with_a_sliding_window_shorter_than_the_prefix(arch: str) -> No
     assert (unwindowed - full).abs().max() > 1e-3
 
 
+def _shared_examples(shared: int, suffixes: list[int], seed: int = 0) -> list[Example]:
+    """One prompt of ``shared`` tokens, then each example's own ``suffixes[i]`` tokens and its last token
+    (suffix 0: the prefix minus its last token is exactly the shared prompt)."""
+    rng = random.Random(seed)
+    prompt = [rng.randrange(1, DIMS["vocab_size"]) for _ in range(shared)]
+    out = []
+    for n in suffixes:
+        own = [rng.randrange(1, DIMS["vocab_size"]) for _ in range(n + 1)]
+        out.append(Example(prompt + own, *rng.sample(range(1, DIMS["vocab_size"]), 2)))
+    return out
+
+
+@pytest.mark.parametrize(("dtype", "grad_rtol"), [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_shared_prompt_kv_equals_full_recompute_and_holds_the_prompt_once(dtype: torch.dtype,
+                                                                          grad_rtol: float) -> None:
+    """The few-shot prompt all prefixes share is cached once; each example keeps only its own part.
+    Logits and mask gradients still equal the full recompute."""
+    model = _model().to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    examples = _shared_examples(70, [9, 0, 25, 3, 14, 1, 30])
+    cache = PrefixCache(model, examples, PAD, batch_size=3)  # three suffix chunks, right-padded
+    assert cache.shared_length == 70 and cache.shared is not None
+    per_example = PrefixCache(model, examples, PAD, batch_size=3, share_min=10_000)
+    assert per_example.shared_length == 0
+    # the prompt is stored once instead of 7 times: bytes = (70 + sum of own parts) vs (7 * 70 + ...)
+    own = sum(len(e.ids) - 1 - 70 for e in examples)
+    assert cache.stored_bytes() * (7 * 70 + own) == per_example.stored_bytes() * (70 + own)
+    masks = {k: m.detach().to(dtype).requires_grad_(True) for k, m in _random_masks(model).items()}
+    for idx in ([6, 1, 3, 0], [2, 5], [1], list(range(7))):
+        batch = [examples[i] for i in idx]
+        full, g_full = _loss_and_grads(model, masks, lambda b=batch: full_logits(model, b, PAD), batch)
+        shared, g_shared = _loss_and_grads(model, masks, lambda i=idx: cache.logits(i), batch)
+        torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+        for kind in KINDS:
+            assert g_full[kind].abs().sum() > 0, kind
+            rel = ((g_shared[kind] - g_full[kind]).norm() / g_full[kind].norm()).item()
+            assert rel < grad_rtol, (kind, rel)
+
+
+@pytest.mark.parametrize(("window", "shared_length"), [(128, 70), (40, 0)])
+def test_shared_prompt_with_sliding_window_layers(window: int, shared_length: int) -> None:
+    """A window longer than every prefix keeps the whole prompt, so it is shared; a shorter one would
+    cut it, so each example keeps its own (windowed) KV. Both equal the full recompute."""
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**DIMS, sliding_window=window)).float().eval()
+    examples = _shared_examples(70, [9, 0, 25, 3])
+    cache = PrefixCache(model, examples, PAD, batch_size=2)
+    assert cache.shared_length == shared_length
+    masks = {k: m.detach() for k, m in _random_masks(model).items()}
+    with torch.no_grad(), scaled(model, {k: 2 * m for k, m in masks.items()}):
+        full = full_logits(model, examples, PAD)
+        reuse = cache.logits([3, 0, 2, 1])
+    torch.testing.assert_close(reuse, full[[3, 0, 2, 1]], rtol=0, atol=1e-5)
+
+
 def test_prefix_cache_rejects_one_token_prefixes() -> None:
     with pytest.raises(ValueError, match="at least 2 tokens"):
         PrefixCache(_model(), [Example([5], 1, 2)], PAD)

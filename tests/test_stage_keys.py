@@ -48,11 +48,13 @@ CHANGES = [  # (section, values, the stages that must recompute)
     ("evaluation", {"max_new_tokens": 99}, AFTER_BASE | {"test"}),
     ("sampling", {"temperature": 0.9}, {"traces", "localize", "split"} | AFTER_SPLIT),
     ("sampling", {"cpu_threads": 2}, set()),  # the cores change the speed, not the traces
+    ("sampling", {"sync_timeout_s": 30.0}, set()),  # nor does the weight sync's timeout
     ("localize", {"chunk": 3}, {"localize", "split"} | AFTER_SPLIT),
     ("localize", {"heldout_fraction": 0.3}, {"split"} | AFTER_SPLIT),
     ("dcm", {"lambda": 0.05}, {"dcm"} | ROWS),
     ("update", {"steps": 11}, ROWS | {f"update-no_mask-{lr}" for lr in LRS}),
     ("update", {"optimizer": "adam"}, ROWS),
+    ("update", {"gradient_checkpointing": True}, ROWS),  # keyed like micro_batch_size (the rows updates')
     ("update", {"lr_grid": [1e-3, 1e-2, 0.1], "random_seeds": 5}, set()),  # only new runs are added
     ("compare", {"sft": {"lora_r": 4}}, {f"update-lora-{lr}" for lr in LRS}),
     ("compare", {"sft": {"zero_stage": 3}}, {f"update-full_ft-{lr}" for lr in LRS}),

@@ -32,7 +32,7 @@ def _model_config(small_model: Path, problems: Path, num_samples: int, concurren
     raw["evaluation"]["general_tasks"] = ["tinyworld_trivia"]
     raw["tune"] = {"lambda": {"low": 0.01, "high": 0.05}, "lr": {"low": 0.005, "high": 0.05},
                    "num_samples": num_samples, "max_concurrent_trials": concurrent, "grace_period": 2,
-                   "max_failures": 1}
+                   "max_failures": 1, "loggers": {"mlflow": True}}
     raw["resources"] = SMALL_RESOURCES
     return raw
 
@@ -137,10 +137,18 @@ def test_killed_trial_is_retried(sweep_run):
     assert max(t["attempts"] or 1 for t in trials) == 2  # the killed trial ran again and finished
 
 
-def test_tune_logs_for_tensorboard(sweep_run):
+def test_tune_logs_for_tensorboard_and_mlflow(sweep_run):
     out, _, _ = sweep_run
     events = list((out / "models" / "small-a" / "tune").rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event files under the Tune storage path"
+    # tune.loggers.mlflow: an MLflow run per trial in the model's local store, named by model and search
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'models' / 'small-a' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("small-a-search").experiment_id])
+    trials = json.loads((out / "models" / "small-a" / "result.json").read_text())["trials"]
+    assert len(runs) >= len(trials)  # a retried trial may log a second run
+    assert all("objective" in r.data.metrics for r in runs)
 
 
 def test_killed_driver_resumes_without_repeating_finished_trials(small_model, problems_file, tmp_path):

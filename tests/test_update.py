@@ -478,3 +478,26 @@ def test_delta_for_another_model_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not fit its shape"):
         cli_main(["apply-delta", str(base), str(path), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_deltas() -> None:
+    """Checkpointed decoder layers (recomputed in the backward) train the same deltas as the plain
+    update: the gradients reach the row deltas' hooks through the recompute, the dropout stays off
+    (attention_dropout 0.5 would show), and the model comes back as it was (eval mode, no checkpointing)."""
+    examples = _examples(n=12)
+    after, calls = {}, {}
+    for ckpt in (False, True):
+        model = _model(attention_dropout=0.5)
+        _, deltas = _rows_and_deltas(model)
+        counts: list[int] = []
+        model.model.layers[0].register_forward_pre_hook(lambda *_, counts=counts: counts.append(1))
+        targeted_update(model, deltas, examples, PAD, validate=lambda w: 0.0, lr=0.5, steps=4,
+                        micro_batch_size=5, gradient_checkpointing=ckpt, progress=False)
+        after[ckpt], calls[ckpt] = deltas.snapshot(), len(counts)
+        assert not model.is_gradient_checkpointing
+        assert not any(m.training for m in model.modules())
+        assert not getattr(model, "_require_grads_hooks", None)
+    assert calls == {False: 4 * 3, True: 2 * 4 * 3}  # 3 micro-batches a step; checkpointed: recomputed
+    assert max(d.abs().max().item() for d in after[False]) > 1e-2  # the deltas moved
+    for plain, checkpointed in zip(after[False], after[True], strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)

@@ -60,10 +60,8 @@ def tokenizer():
     return train_tokenizer([build_prompt(q, 2) for q in QUESTIONS])
 
 
-def make_model(tokenizer, out: Path, tied: bool) -> dict[str, str]:
-    """A random tiny Llama (sharp logits) saved to out, and two weight files beside it: its
-    embedding (and untied lm_head) with large noise added, and the same names as saved."""
-    from safetensors.torch import save_file
+def tiny_llama(tokenizer, out: Path, tied: bool = False):
+    """A random tiny Llama with sharp logits, saved with the tokenizer to ``out``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -76,6 +74,15 @@ def make_model(tokenizer, out: Path, tied: bool) -> dict[str, str]:
     model = LlamaForCausalLM(config).float()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return model
+
+
+def make_model(tokenizer, out: Path, tied: bool) -> dict[str, str]:
+    """A random tiny Llama (sharp logits) saved to out, and two weight files beside it: its
+    embedding (and untied lm_head) with large noise added, and the same names as saved."""
+    from safetensors.torch import save_file
+
+    model = tiny_llama(tokenizer, out, tied)
     names = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
     g = torch.Generator().manual_seed(1)
     base = {n: model.get_parameter(n).detach().clone() for n in names}

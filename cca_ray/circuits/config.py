@@ -14,7 +14,7 @@ from cca_ray.circuits.model import ModelSpec
 from cca_ray.circuits.prune import PruneSpec
 from cca_ray.circuits.tasks import TASKS
 from cca_ray.circuits.train import TrainSpec
-from cca_ray.config import ConfigError, Range, Resources, Section, describe
+from cca_ray.config import ConfigError, LoggersSection, Range, Resources, Section, describe
 
 
 class CorpusSection(Section):
@@ -129,6 +129,7 @@ class SearchSection(Section):
     space: dict[str, Range] = Field(default_factory=_default_space)
     trial: Resources = Field(default_factory=lambda: Resources(num_cpus=1, threads=1))
     seed: int = Field(0, ge=0)
+    loggers: LoggersSection = Field(default_factory=LoggersSection)
 
     @model_validator(mode="after")
     def _known(self) -> SearchSection:

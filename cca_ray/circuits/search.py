@@ -15,7 +15,7 @@ from cca_ray.circuits.artifacts import Artifacts, objective
 from cca_ray.circuits.config import CircuitsConfig
 from cca_ray.io import write_json
 from cca_ray.logs import log_to
-from cca_ray.ray_base import distribution, init_ray, result_rows, search_algorithm
+from cca_ray.ray_base import distribution, init_ray, logger_callbacks, result_rows, search_algorithm
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def search_circuit(a: Artifacts, variant: str, task: str, trials: Path,
         tune_config=tune.TuneConfig(metric="objective", mode="min",
                                     search_alg=search_algorithm(s.search, s.seed, [centres]),
                                     num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1 if progress else 0))
+        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1 if progress else 0,
+                                  callbacks=logger_callbacks(s.loggers, out, name)))
     log.info("%s: Tune search over %s, %d trials", name, ", ".join(s.space), s.num_samples)
     rows = result_rows(tuner.fit(), _row)
     done = [t for t in rows if t["objective"] is not None]

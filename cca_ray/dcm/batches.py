@@ -1,6 +1,7 @@
 """Batches of localisation prefixes for last-position scoring, two exact ways: the full
 left-padded prefix every time, or a KV cache of the prefix minus its last token computed once
-(masks act on the last position only, so the cached part never depends on them)."""
+(masks act on the last position only, so the cached part never depends on them), with the prompt
+part all prefixes share stored once."""
 
 from __future__ import annotations
 
@@ -38,35 +39,102 @@ def full_logits(model, examples: list[Example], pad_id: int) -> torch.Tensor:
     return out.logits[:, -1, :].float()
 
 
-class PrefixCache:
-    """Per-example KV tensors of prefix[:-1], computed once without grad, batched on demand.
-    Sliding-window layers (Gemma-2/3, Mistral, OLMo-3) store at most their window, as in generate()."""
+SHARE_MIN = 64  # a common prefix at least this long is cached once for all examples
 
-    def __init__(self, model, examples: list[Example], pad_id: int, batch_size: int = 16):
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest prefix every sequence starts with."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def sliding_window(model) -> int | None:
+    """The smallest sliding window among the model's cache layers, or None when it has none."""
+    windows = [layer.sliding_window for layer in DynamicCache(config=model.config).layers
+               if getattr(layer, "sliding_window", None)]
+    return min(windows) if windows else None
+
+
+class PrefixCache:
+    """KV tensors of every example's prefix[:-1], computed once without grad, batched on demand.
+
+    Shared prompt: when all prefixes start with the same ``share_min`` or more tokens (the few-shot
+    part of the prompt), that part's KV is computed and stored once, and each example stores only its
+    own suffix's KV, computed against it; a batch puts them side by side. Otherwise (or when a
+    sliding-window layer would cut the prefix) each example stores its whole KV. Sliding-window layers
+    (Gemma-2/3, Mistral, OLMo-3) store at most their window, as in generate()."""
+
+    def __init__(self, model, examples: list[Example], pad_id: int, batch_size: int = 16,
+                 share_min: int = SHARE_MIN):
         if any(len(e.ids) < 2 for e in examples):
             raise ValueError("KV reuse needs prefixes of at least 2 tokens")
-        self.model, self.pad_id = model, pad_id
+        self.model, self.pad_id, self.examples = model, pad_id, examples
         self.kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(examples)  # type: ignore
+        self.shared: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        shared = common_prefix([e.ids[:-1] for e in examples])
+        window = sliding_window(model)
+        longest = max(len(e.ids) for e in examples)
+        self.shared_length = shared if shared >= share_min and (window is None or longest < window) else 0
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-        device = next(model.parameters()).device
         with torch.no_grad():
+            if self.shared_length:
+                self.shared = self._forward([examples[0].ids[:shared]], None)[0]
             for s in range(0, len(order), batch_size):
                 chunk = order[s : s + batch_size]
-                ids, mask = left_pad([examples[i].ids[:-1] for i in chunk], pad_id)
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
-                layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-                for r, i in enumerate(chunk):
-                    n = len(examples[i].ids) - 1
-                    self.kv[i] = [(k[r : r + 1, :, -n:].clone(), v[r : r + 1, :, -n:].clone())
-                                  for k, v in layers]
-        self.examples = examples
+                rows = self._forward([examples[i].ids[self.shared_length : -1] for i in chunk], self.shared)
+                for i, kv in zip(chunk, rows, strict=True):
+                    self.kv[i] = kv
+
+    def _forward(self, seqs: list[list[int]], shared) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per sequence, per layer, the (k, v) of its own tokens [1, H, n, D]. Without ``shared``: from a
+        left-padded forward. With it: right-padded after the shared KV (causal attention: a real token
+        never sees the padding after it), positions continuing the shared part's."""
+        device = next(self.model.parameters()).device
+        if shared is None:
+            ids, mask = left_pad(seqs, self.pad_id)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            return [[(k[r : r + 1, :, -len(s):].clone(), v[r : r + 1, :, -len(s):].clone())
+                     for k, v in layers] for r, s in enumerate(seqs)]
+        p, width = self.shared_length, max(len(s) for s in seqs)
+        if width == 0:  # every prefix is the shared part: nothing of their own
+            return [[(k[:, :, :0].clone(), v[:, :, :0].clone()) for k, v in shared] for _ in seqs]
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, p : p + len(s)] = 1
+        cache = DynamicCache(config=self.model.config)
+        for layer, (k, v) in enumerate(shared):
+            cache.update(k.expand(len(seqs), -1, -1, -1).contiguous(),
+                         v.expand(len(seqs), -1, -1, -1).contiguous(), layer)
+        positions = (p + torch.arange(width)).expand(len(seqs), -1)
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return [[(k[r : r + 1, :, p : p + len(s)].clone(), v[r : r + 1, :, p : p + len(s)].clone())
+                 for k, v in layers] for r, s in enumerate(seqs)]
+
+    def stored_bytes(self) -> int:
+        """Bytes of KV held: the shared part once plus every example's own part."""
+        parts = [kv for per_example in self.kv for kv in per_example] + list(self.shared or [])
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in parts)
 
     def logits(self, indices: list[int]) -> torch.Tensor:
         """Last-position logits [B, V] for these examples: only the last token is recomputed."""
         lengths = [len(self.examples[i].ids) - 1 for i in indices]
         width = max(lengths)
+        p = self.shared_length
         cache = DynamicCache(config=self.model.config)
         for layer in range(len(self.kv[indices[0]])):
             k0 = self.kv[indices[0]][layer][0]
@@ -76,8 +144,10 @@ class PrefixCache:
                 k, v = self.kv[i][layer]
                 # a sliding-window layer keeps only its last window-1 positions (fewer than n): the rest
                 # is padding here; update() below keeps the window, and the mask offset skips the rest
-                start = width - k.shape[-2]
-                ks[r, :, start:], vs[r, :, start:] = k[0], v[0]
+                start = width - p - k.shape[-2]
+                if p:
+                    ks[r, :, start : start + p], vs[r, :, start : start + p] = self.shared[layer]  # type: ignore
+                ks[r, :, start + p :], vs[r, :, start + p :] = k[0], v[0]
                 ks[r, :, :start], vs[r, :, :start] = 0, 0  # masked, but must be finite (0 * nan = nan)
             cache.update(ks, vs, layer)
         mask = torch.zeros((len(indices), width + 1), dtype=torch.long)

@@ -20,7 +20,14 @@ from cca_ray.config import BUILTIN, CCAConfig, parse_config
 from cca_ray.io import write_json
 from cca_ray.logs import log_to
 from cca_ray.methods import CCA, method
-from cca_ray.ray_base import actor_options, bundle, distribution, result_rows, search_algorithm
+from cca_ray.ray_base import (
+    actor_options,
+    bundle,
+    distribution,
+    logger_callbacks,
+    result_rows,
+    search_algorithm,
+)
 
 log = logging.getLogger("cca_ray")
 
@@ -139,7 +146,8 @@ def make_tuner(key: str, c: CCAConfig, out: Path, sampler: Any, resume: bool, na
                                     num_samples=samples, max_concurrent_trials=concurrent,
                                     reuse_actors=False),
         run_config=tune.RunConfig(name=experiment, storage_path=str(path), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                                  callbacks=logger_callbacks(settings.loggers, out, f"{key}-{experiment}")))
 
 
 def trial_rows(results) -> list[dict]:
@@ -170,7 +178,7 @@ def model_group(c: CCAConfig, path: str) -> tuple[Any, Any]:
     ray.get(pg.ready())
     sampler = SamplerActor.options(**actor_options(res.sampler, pg, 0)).remote(
         c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
-        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens))
+        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens), 4096, c.sampling.sync_timeout_s)
     return pg, sampler
 
 

@@ -16,6 +16,7 @@ from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.evaluate import greedy_correct
 from cca_ray.pipeline.model import Loaded
 from cca_ray.sampling import make_sampler
+from cca_ray.sampling.weights import Rows, WeightUpdate
 from cca_ray.update import merge_rows
 
 
@@ -62,12 +63,14 @@ class Engines:
                                      max_new_tokens=max(sampling.max_new_tokens,
                                                         self.config.evaluation.max_new_tokens),
                                      progress=self.progress, max_model_len=4096,
-                                     cpu_threads=sampling.cpu_threads)
+                                     cpu_threads=sampling.cpu_threads,
+                                     sync_timeout=sampling.sync_timeout_s)
         return self._gen
 
-    def push(self, weights: dict[str, torch.Tensor]) -> None:
+    def push(self, weights: WeightUpdate) -> None:
         """Make a separate inference engine (vLLM, a shared sampler) see these weights (parameter
-        name -> tensor); HF's own sampler shares the in-memory model already."""
+        name -> whole weight, changed Rows, a LowRank product or None: the checkpoint's); HF's own
+        sampler shares the in-memory model already."""
         if weights and (self.shared is not None or self.config.sampling.backend != "hf"):
             self.gen_sampler().push_weights(weights)
 
@@ -105,7 +108,7 @@ class Engines:
             with torch.no_grad():
                 for n, w in original.items():
                     params[n].copy_(w)
-            self.push({n: params[n] for n in weights})
+            self.push(dict.fromkeys(weights))  # the engine back to the checkpoint's
 
     @contextlib.contextmanager
     def merged(self, run: dict, deltas: str = "best") -> Iterator[tuple[dict, list]]:
@@ -117,11 +120,11 @@ class Engines:
         params = dict(self.m.model.named_parameters())
         original = {n: params[n][r].detach().clone() for n, r in rows.items()}
         new = merge_rows(self.m.model, rows, values)
-        self.push({n: params[n] for n in rows})
+        self.push({n: Rows(r, params[n][r]) for n, r in rows.items()})  # the changed rows only
         try:
             yield rows, new
         finally:
             with torch.no_grad():
                 for n, r in rows.items():
                     params[n][r] = original[n]
-            self.push({n: params[n] for n in rows})
+            self.push(dict.fromkeys(rows))  # the engine back to the checkpoint's

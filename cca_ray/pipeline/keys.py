@@ -26,7 +26,8 @@ def base_key(c: CCAConfig, data: str) -> str:
 def traces_key(c: CCAConfig, base: str, kept: list) -> str:
     """The kept templates (the filter's output) rather than its thresholds: a threshold change that
     keeps the same templates reuses the traces; the cores change the speed, not the traces."""
-    return stage_key("traces", base, c.sampling.model_dump(exclude={"cpu_threads"}), [str(k) for k in kept])
+    speed = {"cpu_threads", "sync_timeout_s"}  # how fast, not what: the traces are the same
+    return stage_key("traces", base, c.sampling.model_dump(exclude=speed), [str(k) for k in kept])
 
 
 def localize_key(c: CCAConfig, traces: str) -> str:

@@ -19,6 +19,7 @@ from cca_ray.localize import Pivot
 from cca_ray.methods import method
 from cca_ray.pipeline import keys
 from cca_ray.pipeline.run import Mask, Pipeline, Prepared, pivot_examples
+from cca_ray.sampling.weights import WeightUpdate
 from cca_ray.update import RowDeltas, selected_rows, targeted_update
 from cca_ray.update.diagnostics import pivot_diagnostics
 
@@ -40,12 +41,13 @@ def validations(run: dict) -> list[tuple[int, float]]:
 
 
 def validator(pipe: Pipeline, arm: str, lr: float, val: list[Problem], steps: list[int],
-              pushed: set[str] | None = None) -> Callable[[dict[str, torch.Tensor]], float]:
-    """validate(weights) for an update: push the weights to the engine, macro val accuracy, and
-    tell pipe.on_validation at each scheduled step; ``pushed`` collects the names sent."""
+              pushed: set[str] | None = None) -> Callable[[WeightUpdate], float]:
+    """validate(weights) for an update: push the weights (whole, changed rows or a LoRA product) to
+    the engine, macro val accuracy, and tell pipe.on_validation at each scheduled step; ``pushed``
+    collects the names sent."""
     marks = iter(steps)
 
-    def val_acc(weights: dict[str, torch.Tensor]) -> float:
+    def val_acc(weights: WeightUpdate) -> float:
         pipe.engines.push(weights)
         if pushed is not None:
             pushed.update(weights)
@@ -83,15 +85,15 @@ def rows_run(pipe: Pipeline, name: str, arm: str, selected: dict[str, torch.Tens
                       micro_batch_size=settings.micro_batch_size, progress=pipe.progress, desc=stage)
         try:
             if settings.zero_stage is None:
-                res = targeted_update(model, RowDeltas(model, rows), examples, pad, val_acc, **common)
+                res = targeted_update(model, RowDeltas(model, rows), examples, pad, val_acc, **common,
+                                      gradient_checkpointing=settings.gradient_checkpointing)
             else:
                 from cca_ray.update.deepspeed import zero_targeted_update
 
                 res = zero_targeted_update(model, rows, examples, pad, val_acc,
                                            zero_stage=settings.zero_stage, **common)
         finally:
-            params = dict(model.named_parameters())
-            pipe.engines.push({n: params[n] for n in rows})  # the engine back to the base weights
+            pipe.engines.push(dict.fromkeys(rows))  # the engine back to the checkpoint's weights
         _save_deltas(res.best, tmp / "best_deltas.safetensors")
         _save_deltas(res.last, tmp / "last_deltas.safetensors")
         _save_deltas(res.best_updated, tmp / "best_updated_deltas.safetensors")
@@ -122,8 +124,7 @@ def _weights_stage(pipe: Pipeline, name: str, lr: float, key: str, prep: Prepare
         try:
             res = train(validator(pipe, name, lr, prep.splits.val, m.schedule(pipe.config), pushed))
         finally:
-            params = dict(pipe.m.model.named_parameters())
-            pipe.engines.push({n: params[n] for n in pushed})  # the engine back to the base weights
+            pipe.engines.push(dict.fromkeys(pushed))  # the engine back to the checkpoint's weights
         write_safetensors(res.best, tmp / "best_weights.safetensors")
         write_json(res.history, tmp / "history.json")
         return {"arm": name, "lr": lr, "best_step": res.best_step, "best_val": res.best_val,

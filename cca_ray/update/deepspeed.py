@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 
 from cca_ray.dcm.batches import Example
+from cca_ray.sampling.weights import Rows
 from cca_ray.update.loop import TrainResult, keep_best, schedule
 from cca_ray.update.train import check_inputs, logit_loss, micro_batches
 
@@ -149,15 +150,11 @@ class _Rows:
         with gathered(self.params, self.zero_stage), torch.no_grad():
             return [p[r] - self.base[n] for (n, r), p in zip(self.rows.items(), self.params, strict=True)]
 
-    def weights(self, deltas: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Name -> CPU copy of the full weight with base + delta on the rows (what merge_rows builds)."""
-        out = {}
-        with gathered(self.params, self.zero_stage), torch.no_grad():
-            for (name, r), p, d in zip(self.rows.items(), self.params, deltas, strict=True):
-                w = p.detach().clone()
-                w[r] = self.base[name] + d
-                out[name] = w.cpu()
-        return out
+    def weights(self, deltas: list[torch.Tensor]) -> dict[str, Rows]:
+        """Name -> the selected rows' new values, base + delta (what merge_rows writes): all a weight
+        sync needs, so no full weight is gathered for it."""
+        return {name: Rows(r.cpu(), (self.base[name] + d).detach().cpu())
+                for (name, r), d in zip(self.rows.items(), deltas, strict=True)}
 
 
 def zero_targeted_update(model, rows: dict[str, torch.Tensor], examples: list[Example], pad_id: int,

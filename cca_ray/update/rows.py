@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from cca_ray.components import KINDS, ComponentSpace, param_name_rows
+from cca_ray.sampling.weights import Rows
 
 
 def selected_rows(model, space: ComponentSpace, selected: dict[str, torch.Tensor],
@@ -66,6 +67,14 @@ class RowDeltas(torch.nn.Module):
                 w[rows] += d.detach().to(w.dtype)
                 out[name] = w
         return out
+
+    def merged_rows(self) -> dict[str, Rows]:
+        """Parameter name -> its selected rows with the current deltas added: all a separate inference
+        engine must load to see this model (a weight sync sends these rows, not the weights)."""
+        params = {n: lin.weight for n, lin in zip(self.names, self.linears, strict=True)}
+        with torch.no_grad():
+            return {name: Rows(rows.cpu(), (params[name][rows] + d.to(params[name].dtype)).detach().cpu())
+                    for (name, rows), d in zip(self.rows.items(), self.deltas, strict=True)}
 
     def snapshot(self) -> list[torch.Tensor]:
         return [d.detach().clone() for d in self.deltas]

@@ -18,6 +18,7 @@ import torch
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import solution_to_cot
 from cca_ray.sampling.base import encode_prompts
+from cca_ray.sampling.weights import LowRank
 from cca_ray.update.deepspeed import ds_config, gathered, init_distributed, restored
 from cca_ray.update.loop import TrainResult, UpdateError, keep_best, schedule
 
@@ -92,6 +93,19 @@ def _merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_update(peft_model) -> dict[str, LowRank]:
+    """Base parameter name -> its LoRA product as it stands (a [r, in], b [out, r], scale): what a
+    weight sync sends for a LoRA run instead of the merged weights (r x (in + out) numbers each)."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            base_name = name.replace("base_model.model.", "", 1) + ".weight"
+            out[base_name] = LowRank(module.lora_A["default"].weight.detach().cpu().clone(),
+                                     module.lora_B["default"].weight.detach().cpu().clone(),
+                                     float(module.scaling["default"]))
+    return out
+
+
 def finetune(model, examples: list[SFTExample], pad_id: int,
              validate: Callable[[dict[str, torch.Tensor]], float], lora: bool = False, lr: float = 1e-5,
              steps: int = 100, batch_size: int = 8, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
@@ -99,7 +113,8 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
              lora_alpha: int = 32, lora_dropout: float = 0.1, zero_stage: int | None = None,
              progress: bool = True, desc: str = "sft") -> TrainResult[dict[str, torch.Tensor]]:
     """Fine-tune on ``examples`` for ``steps`` optimizer steps; ``validate(weights)`` scores the
-    model as it stands (weights: the changed parameters' current values) at step 0, every
+    model as it stands (weights: the changed parameters' current values; LoRA: its factors, as
+    `LowRank`, so a weight sync sends r x (in + out) numbers per module) at step 0, every
     ``eval_every`` steps and at the end. The model is left holding its BASE weights; the snapshots
     are the changed weights (LoRA: merged; apply them with load_state_dict(strict=False)).
 
@@ -168,7 +183,8 @@ def finetune(model, examples: list[SFTExample], pad_id: int,
         if zero_stage is not None:
             engine = _zero_engine(model, opt, sched, zero_stage, batch_size, max_grad_norm)
             log.info("%s: training inside a DeepSpeed ZeRO-%d engine", desc, zero_stage)
-        result = keep_best(loss, advance, validate, current, lambda weights: weights, steps,
+        sync = (lambda _: lora_update(net)) if lora else (lambda weights: weights)  # LoRA: the factors
+        result = keep_best(loss, advance, validate, current, sync, steps,
                            schedule(steps, eval_every), lr=lr,
                            trainable_parameters=sum(p.numel() for p in params), progress=progress,
                            desc=desc, what="fine-tuning", lr_name="the lr")
