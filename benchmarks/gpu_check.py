@@ -1,6 +1,6 @@
 """The GPU check: what a session with an accelerator measures in one run (under 8 minutes on one H100
 or H200), with only torch + transformers + this project importable (no ray, vLLM or DeepSpeed there).
-On a random-initialised ~1B Llama in bf16 (hidden 2048, 16 layers, GQA 16/8 heads):
+On a random-initialised ~1.6B Llama in bf16 (hidden 2048, 24 layers, GQA 16/8 heads):
 
   1. DCM mask step, full recompute vs KV reuse (shared few-shot prompt), at prefix 1024 and 2048,
      batch 8: ms per step, speed-up, KV memory held per-example vs shared, peak step memory;
@@ -33,8 +33,7 @@ from cca_ray.components import KINDS, component_space  # noqa: E402
 from cca_ray.dcm import PrefixCache, full_logits  # noqa: E402
 from cca_ray.dcm.batches import SHARE_MIN  # noqa: E402
 
-MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-             num_key_value_heads=8, head_dim=128, vocab_size=32000)
+MODEL = upd.MODELS["large"]  # hidden 2048, 24 layers, GQA 16/8 heads of 128, vocab 32000: ~1.6B
 QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, vocab_size=500)
 
@@ -103,14 +102,14 @@ def sampling_rows(config: dict, device: str, dtype: torch.dtype, prompts: int, n
     rng = random.Random(0)
     questions = [f"Ana has {rng.randint(2, 99)} apples and buys {rng.randint(2, 99)} more."
                  for _ in range(prompts)]
-    tokenizer = train_tokenizer([build_prompt(q, 2) for q in questions])
+    tokenizer = train_tokenizer([build_prompt(q, 0) for q in questions])  # zero-shot: no lm-eval there
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**{**config, "vocab_size": len(tokenizer)},
                                              max_position_embeddings=4096))
     model = model.to(dtype).eval()
     sampler = HFSampler(model, tokenizer, batch_size=prompts, max_new_tokens=new_tokens, progress=False)
-    ids = [tokenizer(build_prompt(q, 2), add_special_tokens=False)["input_ids"] for q in questions]
+    ids = [tokenizer(build_prompt(q, 0), add_special_tokens=False)["input_ids"] for q in questions]
     sampler.generate_ids(ids[:2], max_new_tokens=4)  # warm-up
     dcm.sync(device)
     start = time.perf_counter()
@@ -152,9 +151,8 @@ def main() -> None:
         except Exception as err:  # one failed part must not lose the others' numbers
             rows.append((part, "FAILED", f"{type(err).__name__}: {str(err)[:200]}"))
         print(f"[{part}: {time.perf_counter() - t0:.0f} s]", flush=True)
-    params = sum(v for v in (config["vocab_size"] * config["hidden_size"] * 2,))
     print(f"\nGPU check on {device_name}, {name}, torch {torch.__version__}; random Llama hidden "
-          f"{config['hidden_size']}, {config['num_hidden_layers']} layers (embeddings {params / 1e6:.0f}M)")
+          f"{config['hidden_size']}, {config['num_hidden_layers']} layers, vocab {config['vocab_size']}")
     width = max(len(r[0]) + len(r[1]) for r in rows) + 3
     for check, what, value in rows:
         print(f"  {check + ' | ' + what:{width}s} {value}")

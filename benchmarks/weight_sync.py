@@ -30,6 +30,7 @@ from cca_ray.components import KINDS, component_space  # noqa: E402
 from cca_ray.io import checkpoint_reader  # noqa: E402
 from cca_ray.sampling.vllm_sync import op_bytes, sync_ops, vllm_module  # noqa: E402
 from cca_ray.sampling.weights import LowRank  # noqa: E402
+from cca_ray.tiny.tokenizer import train_tokenizer  # noqa: E402
 from cca_ray.update import RowDeltas, selected_rows  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,6 +95,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+        train_tokenizer(["a few words for the engine's tokenizer"]).save_pretrained(tmp)  # vLLM loads one
         shape = checkpoint_reader(tmp).shape
         ways = updates(model, args.fraction, rank=16)
         print(f"random Llama {n_params / 1e6:.0f}M params (hidden {config['hidden_size']}, "

@@ -214,11 +214,13 @@ def cmd_apply_delta(args: argparse.Namespace) -> int:
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
     """A run's sparse delta as a peft LoRA adapter (exact: a row update is a low-rank product)."""
-    from cca_ray.update.lora_export import export_lora
+    from cca_ray.update.lora_export import export_lora, vllm_max_lora_rank
 
     info = export_lora(args.run, args.out, base=args.base)
-    print(f"wrote {info['path']}: {info['modules']} modules, ranks up to {info['max_rank']} (vLLM needs "
-          f"max_lora_rank >= {info['max_rank']})")
+    serve = vllm_max_lora_rank(info["max_rank"])
+    hint = (f"serve it with vLLM's enable_lora=True, max_lora_rank={serve}" if serve else
+            "above vLLM's largest max_lora_rank (512): serve the merged model (cca-ray apply-delta) instead")
+    print(f"wrote {info['path']}: {info['modules']} modules, ranks up to {info['max_rank']}; {hint}")
     return 0
 
 

@@ -99,6 +99,10 @@ def test_cache_built_with_masks_on_would_be_wrong() -> None:
 SLIDING = {  # window 4 < the prefixes, with full-attention layers mixed in where the architecture has them
     "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**DIMS, sliding_window=4)),
     "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**DIMS, sliding_window=4)),
+    # eager applies the attention logit soft-capping that sdpa ignores: the cached path must follow
+    "gemma2_eager": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**DIMS, sliding_window=4,
+                                                                 attn_logit_softcapping=1.0,
+                                                                 attn_implementation="eager")),
     "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
         **DIMS, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "olmo3": lambda: tf.Olmo3ForCausalLM(tf.Olmo3Config(
@@ -118,6 +122,7 @@ def test_kv_reuse_with_a_sliding_window_shorter_than_the_prefix(arch: str) -> No
         full = full_logits(model, examples, PAD)
         reuse = cache.logits([3, 0, 4, 1, 2])
     torch.testing.assert_close(reuse, full[[3, 0, 4, 1, 2]], rtol=0, atol=1e-5)
+    assert model.config._attn_implementation == ("eager" if arch == "gemma2_eager" else "sdpa")  # restored
     with torch.no_grad():  # the window matters: without it the logits differ
         model.config.sliding_window = 4096
         for layer in model.model.layers:

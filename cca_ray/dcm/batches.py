@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from cca_ray.dcm.last_token_attention import CachedLayer, cached_prefix
+
 
 @dataclass
 class Example:
@@ -131,33 +133,29 @@ class PrefixCache:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in parts)
 
     def logits(self, indices: list[int]) -> torch.Tensor:
-        """Last-position logits [B, V] for these examples: only the last token is recomputed."""
-        lengths = [len(self.examples[i].ids) - 1 for i in indices]
-        width = max(lengths)
-        p = self.shared_length
-        cache = DynamicCache(config=self.model.config)
-        for layer in range(len(self.kv[indices[0]])):
-            k0 = self.kv[indices[0]][layer][0]
-            shape = (len(indices), k0.shape[1], width, k0.shape[-1])
-            ks, vs = k0.new_empty(shape), k0.new_empty(shape)  # one copy per layer, no pad + cat
-            for r, i in enumerate(indices):
-                k, v = self.kv[i][layer]
-                # a sliding-window layer keeps only its last window-1 positions (fewer than n): the rest
-                # is padding here; update() below keeps the window, and the mask offset skips the rest
-                start = width - p - k.shape[-2]
-                if p:
-                    ks[r, :, start : start + p], vs[r, :, start : start + p] = self.shared[layer]  # type: ignore
-                ks[r, :, start + p :], vs[r, :, start + p :] = k[0], v[0]
-                ks[r, :, :start], vs[r, :, :start] = 0, 0  # masked, but must be finite (0 * nan = nan)
-            cache.update(ks, vs, layer)
-        mask = torch.zeros((len(indices), width + 1), dtype=torch.long)
-        for r, n in enumerate(lengths):
-            mask[r, width - n:] = 1
+        """Last-position logits [B, V] for these examples: only the last token is computed, its
+        attention reading the cached parts as constants (`last_token_attention`): the shared prompt
+        without a copy, each example's own part left-padded."""
         device = next(self.model.parameters()).device
+        layers = []
+        for layer in range(len(self.kv[indices[0]])):
+            own = [self.kv[i][layer] for i in indices]
+            width = max(k.shape[-2] for k, _ in own)
+            k0 = own[0][0]
+            shape = (len(indices), k0.shape[1], width, k0.shape[-1])
+            ks, vs = k0.new_zeros(shape), k0.new_zeros(shape)  # padding: masked, but finite
+            valid = torch.zeros((len(indices), width), dtype=torch.bool)
+            for r, (k, v) in enumerate(own):
+                # a sliding-window layer holds only its last window-1 positions: the rest is padding
+                n = k.shape[-2]
+                ks[r, :, width - n :], vs[r, :, width - n :] = k[0], v[0]
+                valid[r, width - n :] = True
+            shared = self.shared[layer] if self.shared is not None else None
+            layers.append(CachedLayer(shared, ks, vs, valid.to(device)))
         last = torch.tensor([[self.examples[i].ids[-1]] for i in indices], device=device)
-        positions = torch.tensor([[n] for n in lengths], device=device)
-        out = self.model(input_ids=last, attention_mask=mask.to(device), position_ids=positions,
-                         past_key_values=cache, use_cache=True)
+        positions = torch.tensor([[len(self.examples[i].ids) - 1] for i in indices], device=device)
+        with cached_prefix(self.model, layers):
+            out = self.model(input_ids=last, position_ids=positions, use_cache=False)
         return out.logits[:, -1, :].float()
 
 

@@ -14,6 +14,12 @@ from cca_ray.update.delta import load_delta
 from cca_ray.update.loop import UpdateError
 
 PREFIX = "base_model.model."  # how peft names a wrapped causal LM's modules in adapter files
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank accepts
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest max_lora_rank vLLM accepts that serves an adapter of this rank (None: above 512)."""
+    return next((r for r in VLLM_RANKS if r >= rank), None)
 
 
 def lora_factors(rows: torch.Tensor, change: torch.Tensor,
