@@ -32,7 +32,7 @@ def _model_config(small_model: Path, problems: Path, num_samples: int, concurren
     raw["evaluation"]["general_tasks"] = ["tinyworld_trivia"]
     raw["tune"] = {"lambda": {"low": 0.01, "high": 0.05}, "lr": {"low": 0.005, "high": 0.05},
                    "num_samples": num_samples, "max_concurrent_trials": concurrent, "grace_period": 2,
-                   "max_failures": 1, "loggers": {"mlflow": True}}
+                   "max_failures": 1}
     raw["resources"] = SMALL_RESOURCES
     return raw
 
@@ -74,7 +74,9 @@ def sweep_run(small_model, problems_file, tmp_path_factory):
     from cca_ray.launch.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    sweep = _sweep_file(tmp, _model_config(small_model, problems_file, 4, 2), ["small-a", "small-b"])
+    config = _model_config(small_model, problems_file, 4, 2)
+    config["tune"]["loggers"] = {"mlflow": True}  # and TensorBoard, the default
+    sweep = _sweep_file(tmp, config, ["small-a", "small-b"])
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first_trainer, args=(stop, killed), daemon=True)
