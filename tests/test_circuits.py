@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cca_ray.circuits.graph import circuit_edges
+from cca_ray.circuits.graph import circuit_edges, edge_counts, geometric_mean
 from cca_ray.circuits.model import ModelSpec, SparseGPT, abs_topk
 from cca_ray.circuits.prune import (
     MeanAblation,
@@ -251,3 +251,13 @@ def test_circuit_edges_are_nonzero_weights_between_kept_nodes():
     assert ("L0.mlp_out.2", "L1.attn_in.5") not in edges  # residual edges join the same channel only
     kept = {f"{n}.{i}" for n, ix in keep.items() for i in ix}
     assert all(s in kept and d in kept for s, d in edges)
+    # the paper's edge count leaves the residual links out; they are counted beside it
+    weights, residual = edge_counts(list(edges.values()))
+    assert residual == sum(e["kind"] == "residual" for e in edges.values()) >= 1
+    assert weights == len(edges) - residual and weights >= 1
+
+
+def test_geometric_mean_of_ratios():
+    assert geometric_mean([4.0, 16.0]) == pytest.approx(8.0)
+    assert geometric_mean([None, 2.0]) == pytest.approx(2.0)
+    assert geometric_mean([]) is None

@@ -42,7 +42,9 @@ def _check_circuit(circuit: dict) -> None:
     names = {n["name"] for n in circuit["nodes"]}
     if circuit["reached"]:
         assert circuit["n_nodes"] == len(circuit["nodes"])
-        assert circuit["n_edges"] == len(circuit["edges"])
+        residual = sum(e["kind"] == "residual" for e in circuit["edges"])  # counted apart, as the paper does
+        assert circuit["n_edges"] == len(circuit["edges"]) - residual
+        assert circuit["n_residual_links"] == residual
         assert all(e["src"] in names and e["dst"] in names and e["weight"] != 0 for e in circuit["edges"])
         assert circuit["task_loss"] is not None and circuit["sufficient"] == (circuit["task_loss"] <= 0.6)
     else:
@@ -67,6 +69,9 @@ def test_run_writes_circuits_for_both_models(tiny_run):
     assert models["sparse"]["nonzero_fraction"] == pytest.approx(0.25, abs=0.01)
     assert models["dense"]["nonzero_fraction"] > 0.99
     assert "dense/sparse" in (out / "report.md").read_text()
+    ratio = summary["dense_over_sparse"]["single_double_quote"]["edges"]
+    if ratio is not None:  # one task: the geometric mean over tasks is that task's ratio
+        assert summary["dense_over_sparse_geomean"]["edges"] == pytest.approx(ratio)
 
 
 def test_report_rebuilds_the_summary_and_a_changed_model_config_is_refused(tiny_run, tmp_path, capsys):

@@ -103,6 +103,14 @@ class PruneSection(Section):
     necessity_threshold: float = Field(0.5, gt=0)
     mean_windows: int = Field(512, ge=1, description="corpus windows the ablation means are taken over")
     seed: int = Field(0, ge=0)
+    controller: bool = Field(False, description="steer k_coef toward controller_level x target_loss")
+    controller_level: float = Field(0.5, gt=0, le=1)
+    k_coef_min: float = Field(1e-6, ge=0)
+    k_coef_max: float = Field(1e-2, gt=0)
+    controller_rate: float = Field(0.02, gt=0, le=1)
+    calibrated: bool = Field(False, description="bisect over the learned mask's nodes on calibrated loss")
+    max_scale: float = Field(4.0, gt=0, description="cap of the calibration's logit scale")
+    cleanup: bool = Field(False, description="greedy removal confirmed on held-out pairs (needs calibrated)")
 
     def spec(self, **override) -> PruneSpec:
         fields = PruneSpec.__dataclass_fields__
@@ -116,7 +124,8 @@ def _default_space() -> dict[str, Range]:
             "warmup": Range(low=0.01, high=0.2)}
 
 
-SEARCHABLE = ("k_coef", "lr", "init_noise_scale", "init_noise_bias", "weight_decay", "temperature", "warmup")
+SEARCHABLE = ("k_coef", "lr", "init_noise_scale", "init_noise_bias", "weight_decay", "temperature", "warmup",
+              "controller_level")
 
 
 class SearchSection(Section):

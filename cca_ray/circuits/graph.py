@@ -5,7 +5,8 @@ Edges: attn_in -> q/k/v (W_q, W_k, W_v), v -> attn_out (W_o, same channel throug
 mix), mlp_in -> mlp (W_in), mlp -> mlp_out (W_out), and residual edges from a block output
 channel to the same channel of a later RMSNorm output (the norm's gain is the weight). Every
 edge is a nonzero weight; q and k nodes meet in the attention scores, which have no weight, so
-they carry no q-k edge.
+they carry no q-k edge. Circuit sizes count edges as the paper does, without the residual links
+(`edge_counts`; those are reported beside them).
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ def circuit_edges(model: SparseGPT, keep: dict[str, list[int]]) -> list[dict]:
                         edges.append({"src": f"{src_name}.{i}", "dst": f"{dst_name}.{i}",
                                       "weight": float(gain[i]), "kind": "residual"})
     return edges
+
+
+def edge_counts(edges: list[dict]) -> tuple[int, int]:
+    """(edges as the paper counts them: nonzero weights between kept nodes, residual links: a block
+    output's channel reaching the same channel of a later norm through the residual stream)."""
+    residual = sum(e["kind"] == "residual" for e in edges)
+    return len(edges) - residual, residual
+
+
+def geometric_mean(values: list[float]) -> float | None:
+    """The geometric mean of positive values (None when there are none): the paper's summary of
+    dense/sparse circuit-size ratios over tasks."""
+    import math
+
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
 def circuit_nodes(keep: dict[str, list[int]], means: dict[str, torch.Tensor],

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cca_ray.circuits.model import SparseGPT
+from cca_ray.circuits.selection import KCoefController, bisect_kept, calibrated_loss, confirmed_cleanup
 from cca_ray.circuits.tasks import TaskBatch, binary_logit, task_loss
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,17 @@ class PruneSpec:
     lbfgs_steps: int = 16
     necessity_threshold: float = 0.5  # ablating the circuit must push the loss at least this high
     seed: int = 0
+    # issue 18 (opt-in until the default run is remeasured): a k_coef controller toward
+    # controller_level x target_loss; bisection over the learned mask's nodes on calibrated loss
+    # (scale capped at max_scale); greedy cleanup confirmed on held-out pairs
+    controller: bool = False
+    controller_level: float = 0.5
+    k_coef_min: float = 1e-6
+    k_coef_max: float = 1e-2
+    controller_rate: float = 0.02
+    calibrated: bool = False
+    max_scale: float = 4.0
+    cleanup: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +175,9 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
                             weight_decay=s.weight_decay)
     pairs = len(batch) // 2
     history = []
+    controller = (KCoefController(s.k_coef, s.controller_level * s.target_loss, s.k_coef_min, s.k_coef_max,
+                                  s.controller_rate) if s.controller else None)
+    k_coef = s.k_coef
     try:
         for step in tqdm(range(s.steps), desc="prune", disable=not progress, mininterval=2.0):
             for g in opt.param_groups:
@@ -174,7 +189,7 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
             logits = last_logits(model, batch, rows)
             loss_task = task_loss(logits, _rows(batch, rows))
             kept = sum(g.sum() for g in gates.values())
-            loss = loss_task + s.k_coef * kept
+            loss = loss_task + k_coef * kept
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(taus.values()), s.grad_clip)
@@ -184,7 +199,9 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
                     t.clamp_(-1.0, 1.0)
             if step % 50 == 0 or step == s.steps - 1:
                 history.append({"step": step, "task_loss": float(loss_task.detach()),
-                                "kept": int(kept.detach())})
+                                "kept": int(kept.detach()), "k_coef": k_coef})
+            if controller is not None:
+                k_coef = controller.update(float(loss_task.detach()))
     finally:
         model.node_fn = None
         model.requires_grad_(True)
@@ -262,6 +279,8 @@ def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, va
             cache[k] = loss_from_logit(circuit_logit(model, means, top_k_keep(order, k, locations), val), val)
         return cache[k]
 
+    if s.calibrated:
+        return _prune_calibrated(model, means, val, test, s, taus, order, history, full_d, start)
     k = bisect_smallest(loss_of_k, total, s.target_loss)
     result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
               "learned_kept": int(sum(int((t > 0).sum()) for t in taus.values())),
@@ -279,6 +298,67 @@ def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, va
     return {**result, "reached": True, "n_nodes": k, "keep": {n: m.nonzero().flatten().tolist()
                                                             for n, m in keep.items() if m.any()},
             "val_loss_uncalibrated": loss_of_k(k), "scale": scale, "shift": shift,
+            "task_loss": suff_loss, "sufficient": suff_loss <= s.target_loss,
+            "necessity_loss": nec_loss, "necessary": nec_loss >= s.necessity_threshold,
+            "tau": {n: taus[n][m].tolist() for n, m in keep.items() if m.any()},
+            "seconds": time.perf_counter() - start}
+
+
+def _keep_of(nodes: list[tuple[str, int]], locations: dict[str, int]) -> Keep:
+    keep = {n: torch.zeros(d, dtype=torch.bool) for n, d in locations.items()}
+    for n, i in nodes:
+        keep[n][i] = True
+    return keep
+
+
+def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: TaskBatch, test: TaskBatch,
+                      s: PruneSpec, taus: dict[str, torch.Tensor], order: list[tuple[str, int]],
+                      history: list[dict], full_d: torch.Tensor, start: float) -> dict:
+    """Issue 18's selection: bisection over the nodes the learned mask kept, on calibrated validation
+    loss (scale capped at s.max_scale), then (s.cleanup) greedy removal confirmed on held-out pairs;
+    sufficiency and necessity judged on the held-out (test) pairs with validation's calibration."""
+    locations = model.node_locations()
+    n_kept = int(sum(int((t > 0).sum()) for t in taus.values()))
+    cache: dict[tuple, tuple[float, float, float]] = {}
+
+    def calibrated(nodes: list[tuple[str, int]]) -> tuple[float, float, float]:
+        key = tuple(sorted(nodes))
+        if key not in cache:
+            d = circuit_logit(model, means, _keep_of(nodes, locations), val)
+            cache[key] = calibrated_loss(d, val.label, s.max_scale, s.lbfgs_steps)
+        return cache[key]
+
+    def held_out(nodes: list[tuple[str, int]]) -> tuple[float, float]:
+        """(sufficiency loss on test with validation's calibration, loss with the circuit ablated)."""
+        _, scale, shift = calibrated(nodes)
+        keep = _keep_of(nodes, locations)
+        suff = loss_from_logit(circuit_logit(model, means, keep, test), test, scale, shift)
+        nec = loss_from_logit(circuit_logit(model, means, {n: ~m for n, m in keep.items()}, test), test)
+        return suff, nec
+
+    k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, s.target_loss)
+    result = {"total_nodes": sum(locations.values()), "full_model_loss": loss_from_logit(full_d, test),
+              "learned_kept": n_kept, "history": history, "hyperparameters": s.to_dict(),
+              "bisection_evaluations": len(cache), "selection": "calibrated"}
+    if k is None:
+        loss = calibrated(order[:n_kept])[0] if n_kept else float("nan")
+        log.info("the learned mask (%d nodes) misses the target loss %.3g even calibrated (%.3g)",
+                 n_kept, s.target_loss, loss)
+        return {**result, "reached": False, "n_nodes": None, "keep": None, "task_loss": loss,
+                "seconds": time.perf_counter() - start}
+    nodes, cleanup = order[:k], "off"
+    if s.cleanup:
+        def passes_test(c: list[tuple[str, int]]) -> bool:
+            suff, nec = held_out(c)
+            return suff <= s.target_loss and nec >= s.necessity_threshold
+
+        nodes, cleanup = confirmed_cleanup(nodes, lambda c: calibrated(c)[0] <= s.target_loss, passes_test)
+    val_loss, scale, shift = calibrated(nodes)
+    suff_loss, nec_loss = held_out(nodes)
+    keep = _keep_of(nodes, locations)
+    return {**result, "reached": True, "n_nodes": len(nodes), "bisection_nodes": k, "cleanup": cleanup,
+            "keep": {n: m.nonzero().flatten().tolist() for n, m in keep.items() if m.any()},
+            "val_loss_calibrated": val_loss, "scale": scale, "shift": shift,
             "task_loss": suff_loss, "sufficient": suff_loss <= s.target_loss,
             "necessity_loss": nec_loss, "necessary": nec_loss >= s.necessity_threshold,
             "tau": {n: taus[n][m].tolist() for n, m in keep.items() if m.any()},

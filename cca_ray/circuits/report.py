@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cca_ray.circuits.artifacts import Artifacts
 from cca_ray.circuits.config import CircuitsConfig
+from cca_ray.circuits.graph import geometric_mean
 from cca_ray.io import write_json, write_text
 
 
@@ -15,7 +16,14 @@ def finalize(a: Artifacts, variant: str, task: str, result: dict, trials: list[d
              dest: Path) -> dict:
     """Turn a pruning result into the circuit: named nodes, edges, picture and snippets, written
     into ``dest`` (circuit.json, circuit.png and snippets.md when the target loss was reached)."""
-    from cca_ray.circuits.graph import circuit_edges, circuit_nodes, render, snippets_markdown, top_snippets
+    from cca_ray.circuits.graph import (
+        circuit_edges,
+        circuit_nodes,
+        edge_counts,
+        render,
+        snippets_markdown,
+        top_snippets,
+    )
 
     c = a.c
     model, means = a.load(variant)
@@ -23,7 +31,9 @@ def finalize(a: Artifacts, variant: str, task: str, result: dict, trials: list[d
     circuit = {k: v for k, v in result.items() if k not in ("keep", "tau")}
     circuit["nodes"] = circuit_nodes(keep, means, result.get("tau"))
     circuit["edges"] = circuit_edges(model, keep)
-    circuit["n_edges"] = len(circuit["edges"]) if result.get("reached") else None
+    weights, residual = edge_counts(circuit["edges"])
+    circuit["n_edges"] = weights if result.get("reached") else None  # as the paper counts: no residual links
+    circuit["n_residual_links"] = residual if result.get("reached") else None
     circuit["edge_kinds"] = {k: sum(e["kind"] == k for e in circuit["edges"])
                              for k in sorted({e["kind"] for e in circuit["edges"]})}
     meta = a.model_meta(variant) or {}
@@ -46,8 +56,8 @@ def finalize(a: Artifacts, variant: str, task: str, result: dict, trials: list[d
     return circuit
 
 
-SUMMARY_FIELDS = ("nodes", "edges", "task_loss", "sufficient", "necessary", "necessity_loss",
-                  "full_model_loss", "reached", "total_nodes", "scale", "shift")
+SUMMARY_FIELDS = ("nodes", "edges", "residual_links", "task_loss", "sufficient", "necessary",
+                  "necessity_loss", "full_model_loss", "reached", "total_nodes", "scale", "shift")
 
 
 def summarize(a: Artifacts) -> dict:
@@ -66,8 +76,9 @@ def summarize(a: Artifacts) -> dict:
             path = a.circuit_dir(v.name, task) / "circuit.json"
             if path.is_file():
                 ci = json.loads(path.read_text())
-                row = {"nodes": ci.get("n_nodes"), "edges": ci.get("n_edges")}
-                row.update({k: ci.get(k) for k in SUMMARY_FIELDS if k not in ("nodes", "edges")})
+                row = {"nodes": ci.get("n_nodes"), "edges": ci.get("n_edges"),
+                       "residual_links": ci.get("n_residual_links")}
+                row.update({k: ci.get(k) for k in SUMMARY_FIELDS if k not in row})
                 per_task[task] = row
         summary[v.name] = per_task
     names = [v.name for v in c.variants]
@@ -76,6 +87,9 @@ def summarize(a: Artifacts) -> dict:
             s, d = summary["sparse"].get(task, {}), summary["dense"].get(task, {})
             summary["dense_over_sparse"][task] = {
                 k: (d[k] / s[k] if s.get(k) and d.get(k) is not None else None) for k in ("nodes", "edges")}
+        ratios = summary["dense_over_sparse"].values()
+        summary["dense_over_sparse_geomean"] = {k: geometric_mean([r[k] for r in ratios])
+                                                for k in ("nodes", "edges")}
     write_json(summary, out / "circuits.json")
     write_text(report_markdown(c, summary), out / "report.md")
     return summary
@@ -87,20 +101,23 @@ def report_markdown(c: CircuitsConfig, summary: dict) -> str:
         return "-" if x is None else format(x, spec) if isinstance(x, float) else str(x)
 
     lines = [f"# Circuits at target task loss {c.prune.target_loss}", "",
-             "| model | L0 | val LM loss | task | nodes | edges | task loss | sufficient | necessary "
-             "(loss with circuit ablated) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | L0 | val LM loss | task | nodes | edges (+ residual links) | task loss | sufficient "
+             "| necessary (loss with circuit ablated) |", "|---|---|---|---|---|---|---|---|---|"]
     for v in c.variants:
         m = summary["models"].get(v.name, {})
         for task in c.tasks:
             r = summary.get(v.name, {}).get(task)
             if r is None:
                 continue
+            links = "" if r.get("residual_links") is None else f" (+{r['residual_links']})"
             lines.append(f"| {v.name} | {v.l0_target:g} | {fmt(m.get('val_loss'))} | {task} | "
-                         f"{fmt(r['nodes']) if r['reached'] else 'not reached'} | {fmt(r['edges'])} | "
+                         f"{fmt(r['nodes']) if r['reached'] else 'not reached'} | {fmt(r['edges'])}{links} | "
                          f"{fmt(r['task_loss'])} | {fmt(r.get('sufficient'))} | "
                          f"{fmt(r.get('necessary'))} ({fmt(r.get('necessity_loss'))}) |")
     if summary["dense_over_sparse"]:
         lines += ["", "| task | dense/sparse nodes | dense/sparse edges |", "|---|---|---|"]
         for task, r in summary["dense_over_sparse"].items():
             lines.append(f"| {task} | {fmt(r['nodes'], '.2f')} | {fmt(r['edges'], '.2f')} |")
+        g = summary.get("dense_over_sparse_geomean", {})
+        lines.append(f"| geometric mean | {fmt(g.get('nodes'), '.2f')} | {fmt(g.get('edges'), '.2f')} |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,110 @@
+"""From learned node scores to a circuit (issue 18): a k_coef controller for the mask training, a
+bisection over the nodes the learned mask kept on calibrated loss (the logit's scale and shift
+fitted on validation pairs, the scale capped so that a weak circuit cannot pass by amplification),
+and a greedy cleanup (lowest tau first) confirmed on validation pairs, which is kept only if the
+cleaned circuit still passes on held-out pairs (cleanup on validation overfits at small sizes)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Keep = dict[str, torch.Tensor]  # node location -> bool [dim]: True = kept
+
+
+@dataclass
+class KCoefController:
+    """Raises the node penalty while the task loss (an EMA of it) is below ``goal`` and lowers it while
+    above, multiplicatively by exp(+-rate) per step, within [low, high]: the learned mask settles where
+    the task loss is about ``goal`` instead of collapsing (penalty too high) or keeping hundreds of
+    nodes (too low)."""
+
+    k_coef: float
+    goal: float
+    low: float = 1e-6
+    high: float = 1e-2
+    rate: float = 0.02
+    smoothing: float = 0.9
+    ema: float | None = None
+
+    def update(self, task_loss: float) -> float:
+        """Observe one step's task loss; the k_coef for the next step."""
+        ema = self.ema
+        self.ema = task_loss if ema is None else self.smoothing * ema + (1 - self.smoothing) * task_loss
+        step = -self.rate if self.ema > self.goal else self.rate
+        self.k_coef = min(self.high, max(self.low, self.k_coef * math.exp(step)))
+        return self.k_coef
+
+
+def calibrated_loss(d: torch.Tensor, label: torch.Tensor, max_scale: float,
+                    steps: int = 16) -> tuple[float, float, float]:
+    """(loss, scale, shift): the task loss of the binary logit ``d`` after a scale and shift fitted by
+    LBFGS, the scale kept within [0, max_scale] (a shift alone is refitted at the bound)."""
+    def fit(params: torch.Tensor, scale: float | None) -> None:
+        opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            a = params[0] if scale is None else torch.tensor(scale)
+            loss = torch.nn.functional.softplus(-label * (a * d + params[-1])).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    d = d.detach().float()
+    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    fit(params, None)
+    scale, shift = float(params[0].detach()), float(params[1].detach())
+    if not 0.0 <= scale <= max_scale:
+        scale = min(max(scale, 0.0), max_scale)
+        one = torch.tensor([shift], requires_grad=True)
+        fit(one, scale)
+        shift = float(one[0].detach())
+    loss = float(torch.nn.functional.softplus(-label * (scale * d + shift)).mean())
+    return loss, scale, shift
+
+
+def bisect_kept(loss_of_k: Callable[[int], float], n_kept: int, target: float) -> int | None:
+    """Smallest k in [1, n_kept] with loss_of_k(k) <= target (the top-k nodes by tau among those the
+    learned mask kept), assuming the loss falls as k grows; None if the learned mask itself misses.
+    The whole model is never needed to reach the target."""
+    if n_kept < 1 or loss_of_k(n_kept) > target:
+        return None
+    lo, hi = 1, n_kept
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if loss_of_k(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+Node = tuple[str, int]  # (location, channel)
+
+
+def greedy_cleanup(nodes: list[Node], passes: Callable[[list[Node]], bool]) -> list[Node]:
+    """Drop nodes one at a time, lowest tau first (``nodes`` in descending tau), keeping each removal
+    after which ``passes(circuit)`` (the validation check) still holds."""
+    kept = list(nodes)
+    for node in reversed(nodes):
+        trial = [n for n in kept if n != node]
+        if trial and passes(trial):
+            kept = trial
+    return kept
+
+
+def confirmed_cleanup(nodes: list[Node], passes_val: Callable[[list[Node]], bool],
+                      passes_test: Callable[[list[Node]], bool]) -> tuple[list[Node], str]:
+    """The cleaned circuit if it passes on held-out pairs, else the circuit before cleanup: never one
+    that fails the held-out check when the uncleaned one passes. Returns (circuit, what happened)."""
+    cleaned = greedy_cleanup(nodes, passes_val)
+    if len(cleaned) == len(nodes):
+        return nodes, "nothing to remove"
+    if passes_test(cleaned):
+        return cleaned, f"removed {len(nodes) - len(cleaned)} nodes"
+    return nodes, f"reverted: the cleaned circuit ({len(cleaned)} nodes) failed on held-out pairs"

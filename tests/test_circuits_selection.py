@@ -1,0 +1,151 @@
+"""Issue 18's circuit selection on constructed toys: the k_coef controller moves the penalty the right
+way; bisection over the learned mask's nodes on calibrated loss finds the smallest circuit even when
+the whole model misses the target; the calibration's scale cap keeps a weak circuit out; cleanup on
+validation pairs never returns a circuit that fails on held-out pairs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from test_circuits import _Toy, _toy_batch
+from torch import nn
+
+from cca_ray.circuits.prune import (
+    PruneSpec,
+    bisect_smallest,
+    circuit_logit,
+    loss_from_logit,
+    node_order,
+    prune,
+    top_k_keep,
+    train_masks,
+)
+from cca_ray.circuits.selection import KCoefController, bisect_kept, calibrated_loss, confirmed_cleanup
+from cca_ray.circuits.tasks import TaskBatch
+
+
+def test_the_controller_lowers_the_penalty_above_its_goal_and_raises_it_below():
+    c = KCoefController(k_coef=1e-3, goal=0.1, low=1e-5, high=1e-2, rate=0.1, smoothing=0.0)
+    ks = [c.update(0.5) for _ in range(10)]  # task loss above the goal: penalise less
+    assert all(b < a for a, b in zip([1e-3] + ks, ks, strict=False))
+    ks = [c.update(0.01) for _ in range(10)]  # below: penalise more
+    assert all(b > a for a, b in zip(ks, ks[1:], strict=False))
+    for _ in range(500):
+        c.update(5.0)
+    assert c.k_coef == 1e-5  # bounded
+    for _ in range(500):
+        c.update(0.0)
+    assert c.k_coef == 1e-2
+
+
+def test_the_controller_rescues_a_penalty_that_would_collapse_the_mask():
+    """A constant k_coef of 5 prunes the one node that carries the task (task loss at chance); the
+    controller, started there, lowers it until the task is solved again with few nodes kept."""
+    model = _Toy(torch.tensor([4.0] + [0.02] * 15))
+    means = {"L0.mlp": torch.zeros(16)}
+    base = dict(steps=300, batch_pairs=8, lr=3e-2, k_coef=5.0, target_loss=0.15, k_coef_max=5.0)
+    taus, history = train_masks(model, means, _toy_batch(16), PruneSpec(**base))
+    assert int((taus["L0.mlp"] > 0).sum()) == 0 and history[-1]["task_loss"] > 0.6  # collapsed
+    spec = PruneSpec(**base, controller=True, controller_level=0.5, controller_rate=0.05)
+    taus, history = train_masks(model, means, _toy_batch(16), spec)
+    assert history[-1]["k_coef"] < 5.0 / 10  # moved down by more than 10x
+    assert bool(taus["L0.mlp"][0] > 0)  # the carrying node is kept
+    assert history[-1]["task_loss"] < 0.15 and int((taus["L0.mlp"] > 0).sum()) < 16
+
+
+def _harmful_toy():
+    """Node 0 solves the task; node 1 works against it (the learned mask dropped it: tau < 0); the
+    rest add nearly nothing. The whole model's logit is 2.0 - 1.8 + 0.06: its loss misses 0.15."""
+    w = torch.tensor([2.0, -1.8] + [0.01] * 6)
+    taus = {"L0.mlp": torch.tensor([0.9, -0.5, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05])}
+    return _Toy(w), {"L0.mlp": torch.zeros(8)}, taus
+
+
+def test_calibrated_bisection_finds_the_smallest_circuit_when_the_whole_model_misses():
+    model, means, taus = _harmful_toy()
+    val = _toy_batch(8)
+    order = node_order(taus)
+    locations = model.node_locations()
+
+    def loss_of_k(k: int) -> float:
+        d = circuit_logit(model, means, top_k_keep(order, k, locations), val)
+        return calibrated_loss(d, val.label, max_scale=4.0)[0]
+
+    full = loss_from_logit(circuit_logit(model, means, None, val), val)
+    assert full > 0.15
+    assert bisect_smallest(loss_of_k, 8, 0.15) is None  # the old bisection: nothing, the model misses
+    n_kept = int((taus["L0.mlp"] > 0).sum())
+    k = bisect_kept(loss_of_k, n_kept, 0.15)
+    brute = min(k for k in range(1, n_kept + 1) if loss_of_k(k) <= 0.15)
+    assert k == brute == 1 and order[0] == ("L0.mlp", 0)
+    # the whole pruning with the calibrated selection (learned taus) keeps node 0 alone
+    s = PruneSpec(steps=150, batch_pairs=8, lr=3e-2, k_coef=1e-2, target_loss=0.15, calibrated=True,
+                  cleanup=True)
+    result = prune(model, means, _toy_batch(16), val, _toy_batch(8), s)
+    assert result["reached"] and result["keep"] == {"L0.mlp": [0]}
+    assert result["sufficient"] and result["necessary"]
+
+
+def test_the_scale_cap_keeps_a_weak_circuit_out():
+    label = torch.tensor([1.0, -1.0] * 8)
+    weak = 0.05 * label  # right sign, tiny margin: passes only when amplified ~40x
+    assert calibrated_loss(weak, label, max_scale=100.0)[0] <= 0.15
+    loss, scale, _ = calibrated_loss(weak, label, max_scale=4.0)
+    assert scale == 4.0 and loss > 0.15
+
+
+class _ContextToy(nn.Module):
+    """Node 0 carries the answer after context token 0, node 1 after context token 3 (else 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spec = SimpleNamespace(n_ctx=8)
+        self.node_fn = None
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def node_locations(self) -> dict[str, int]:
+        return {"L0.mlp": 2}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        sign = (tokens[:, 1:2] == 1).float() * 2 - 1
+        active = torch.stack([tokens[:, 0] == 0, tokens[:, 0] == 3], -1).float()
+        x = (sign * active)[:, None, :].expand(tokens.shape[0], tokens.shape[1], 2)
+        if self.node_fn is not None:
+            x = self.node_fn("L0.mlp", x)
+        d = (x * torch.tensor([3.0, 3.0])).sum(-1)
+        return torch.stack([torch.zeros_like(d), d / 2, -d / 2], -1)
+
+
+def _context_batch(context: int, pairs: int) -> TaskBatch:
+    b = _toy_batch(pairs)
+    tokens = b.tokens.clone()
+    tokens[:, 0] = context
+    return TaskBatch(tokens=tokens, last=b.last, correct=b.correct, alternative=b.alternative,
+                     label=b.label, token_a=1, token_b=2, name="context")
+
+
+def test_cleanup_never_returns_a_circuit_that_fails_on_held_out_pairs():
+    """Validation pairs all have context 0, so node 1 looks useless there and cleanup drops it; the
+    held-out pairs have context 3, where node 1 is the circuit: the cleaned circuit fails there, so
+    the circuit before cleanup is returned. Held-out pairs like the validation ones accept it."""
+    model, means = _ContextToy(), {"L0.mlp": torch.zeros(2)}
+    locations = model.node_locations()
+    nodes = [("L0.mlp", 0), ("L0.mlp", 1)]
+
+    def passes(batch: TaskBatch):
+        def check(circuit):
+            keep = {"L0.mlp": torch.zeros(2, dtype=torch.bool)}
+            for _, i in circuit:
+                keep["L0.mlp"][i] = True
+            return loss_from_logit(circuit_logit(model, means, keep, batch), batch) <= 0.15
+        return check
+
+    val = _context_batch(0, 8)
+    assert passes(val)([("L0.mlp", 0)])  # validation alone would accept node 0 by itself
+    circuit, what = confirmed_cleanup(nodes, passes(val), passes(_context_batch(3, 8)))
+    assert circuit == nodes and what.startswith("reverted")
+    assert passes(_context_batch(3, 8))(circuit)
+    circuit, what = confirmed_cleanup(nodes, passes(val), passes(_context_batch(0, 8)))
+    assert circuit == [("L0.mlp", 0)] and what == "removed 1 nodes"
+    assert locations == {"L0.mlp": 2}
