@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from cca_ray.circuits.model import SparseGPT
-from cca_ray.circuits.selection import KCoefController, bisect_kept, calibrated_loss, confirmed_cleanup
+from cca_ray.circuits.selection import (
+    KCoefController,
+    bisect_kept,
+    bisect_smallest,
+    calibrated_loss,
+    confirmed_cleanup,
+)
 from cca_ray.circuits.tasks import TaskBatch, binary_logit, task_loss
 
 log = logging.getLogger(__name__)
@@ -230,21 +235,6 @@ def top_k_keep(order: list[tuple[str, int]], k: int, locations: dict[str, int]) 
     for n, i in order[:k]:
         keep[n][i] = True
     return keep
-
-
-def bisect_smallest(loss_of_k: Callable[[int], float], n: int, target: float) -> int | None:
-    """Smallest k in [0, n] with loss_of_k(k) <= target, assuming the loss falls as k grows;
-    None if even k = n misses the target."""
-    if loss_of_k(n) > target:
-        return None
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if loss_of_k(mid) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
 
 
 def fit_scale_shift(d: torch.Tensor, batch: TaskBatch, steps: int = 16) -> tuple[float, float]:

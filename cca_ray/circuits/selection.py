@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-Keep = dict[str, torch.Tensor]  # node location -> bool [dim]: True = kept
 
 
 @dataclass
@@ -68,13 +67,12 @@ def calibrated_loss(d: torch.Tensor, label: torch.Tensor, max_scale: float,
     return loss, scale, shift
 
 
-def bisect_kept(loss_of_k: Callable[[int], float], n_kept: int, target: float) -> int | None:
-    """Smallest k in [1, n_kept] with loss_of_k(k) <= target (the top-k nodes by tau among those the
-    learned mask kept), assuming the loss falls as k grows; None if the learned mask itself misses.
-    The whole model is never needed to reach the target."""
-    if n_kept < 1 or loss_of_k(n_kept) > target:
+def bisect_smallest(loss_of_k: Callable[[int], float], n: int, target: float) -> int | None:
+    """Smallest k in [0, n] with loss_of_k(k) <= target, assuming the loss falls as k grows;
+    None if even k = n misses the target."""
+    if loss_of_k(n) > target:
         return None
-    lo, hi = 1, n_kept
+    lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi) // 2
         if loss_of_k(mid) <= target:
@@ -82,6 +80,16 @@ def bisect_kept(loss_of_k: Callable[[int], float], n_kept: int, target: float) -
         else:
             lo = mid + 1
     return hi
+
+
+def bisect_kept(loss_of_k: Callable[[int], float], n_kept: int, target: float) -> int | None:
+    """Smallest k in [1, n_kept] with loss_of_k(k) <= target (the top-k nodes by tau among those the
+    learned mask kept), assuming the loss falls as k grows; None if the learned mask itself misses.
+    The whole model is never needed to reach the target."""
+    if n_kept < 1:
+        return None
+    k = bisect_smallest(lambda j: loss_of_k(j + 1), n_kept - 1, target)
+    return None if k is None else k + 1
 
 
 Node = tuple[str, int]  # (location, channel)
