@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class KCoefController:
     """Raises the node penalty while the task loss (an EMA of it) is below ``goal`` and lowers it while
