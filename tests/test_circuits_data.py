@@ -158,6 +158,22 @@ def test_minimal_pairs(tok, name):
     assert len(seen_mid) == len(DIFFERENCE[name][1])  # every variant occurs
 
 
+@pytest.mark.parametrize("name", ["single_double_quote", "bracket_counting"])
+def test_without_distractors_no_closed_string_or_list_precedes_the_decision(tok, name):
+    """The harder variant (the default) puts closed strings and lists before about a quarter of the
+    decisions; without distractors none: every quote or bracket is in the decision's own line."""
+    def before_decision(b):
+        texts = [tok.decode(b.tokens[i, 1:b.last[i] + 1].tolist()) for i in range(len(b))]
+        return [t[:t.rstrip("\n").rfind("\n") + 1] for t in texts]  # the lines before the last
+
+    marks = re.compile(r"[\"'\[\]]")
+    hard = before_decision(make_task(name, tok, 100, seed=1))
+    clean = make_task(name, tok, 100, seed=1, distractors=False)
+    assert sum(bool(marks.search(t)) for t in hard) > 20
+    assert not any(marks.search(t) for t in before_decision(clean))
+    assert any(t for t in before_decision(clean))  # unrelated statements still come first sometimes
+
+
 def test_make_task_is_deterministic(tok):
     one, two = make_task("set_or_string", tok, 20, 5), make_task("set_or_string", tok, 20, 5)
     assert torch.equal(one.tokens, two.tokens) and torch.equal(one.last, two.last)

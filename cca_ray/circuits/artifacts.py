@@ -151,7 +151,7 @@ class Artifacts:
         from cca_ray.circuits.tasks import make_task
 
         p = self.c.prune
-        return tuple(make_task(task, tok, n, p.seed * 1000 + i, n_ctx)
+        return tuple(make_task(task, tok, n, p.seed * 1000 + i, n_ctx, distractors=p.distractors)
                      for i, n in enumerate((p.train_pairs, p.val_pairs, p.test_pairs)))
 
     def prune_one(self, variant: str, task: str, params: dict | None = None, progress: bool = False) -> dict:

@@ -111,6 +111,8 @@ class PruneSection(Section):
     calibrated: bool = Field(False, description="bisect over the learned mask's nodes on calibrated loss")
     max_scale: float = Field(4.0, gt=0, description="cap of the calibration's logit scale")
     cleanup: bool = Field(False, description="greedy removal confirmed on held-out pairs (needs calibrated)")
+    distractors: bool = Field(True, description="closed strings / lists may precede a quote or bracket "
+                                                "decision (the harder variant); false: none do")
 
     def spec(self, **override) -> PruneSpec:
         fields = PruneSpec.__dataclass_fields__

@@ -47,14 +47,16 @@ class TaskBatch:
         return self.tokens.shape[0]
 
 
-def _prefix(rng: random.Random) -> str:
-    """0-2 unrelated corpus statements before a quote / bracket decision (same for both rows)."""
-    return "".join(corpus.simple_statement(rng) + "\n" for _ in range(rng.choice((0, 0, 1, 1, 2))))
+def _prefix(rng: random.Random, distractors: bool = True) -> str:
+    """0-2 unrelated corpus statements before a quote / bracket decision (same for both rows);
+    without ``distractors`` only integer statements, so no closed string or list precedes it."""
+    make = corpus.simple_statement if distractors else corpus.int_statement
+    return "".join(make(rng) + "\n" for _ in range(rng.choice((0, 0, 1, 1, 2))))
 
 
-def _quote_pair(rng: random.Random) -> tuple[str, str]:
+def _quote_pair(rng: random.Random, distractors: bool = True) -> tuple[str, str]:
     """`name = "words` vs `name = 'words` (or print(...)): the answer is the opening quote."""
-    pre, state = _prefix(rng), rng.getstate()
+    pre, state = _prefix(rng, distractors), rng.getstate()
     out = []
     for q in corpus.QUOTES:
         rng.setstate(state)  # the same statement with the other quote
@@ -63,9 +65,9 @@ def _quote_pair(rng: random.Random) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def _bracket_pair(rng: random.Random) -> tuple[str, str]:
+def _bracket_pair(rng: random.Random, distractors: bool = True) -> tuple[str, str]:
     """`name = [[1, 2` vs `name = [1, 2` (or print / for): the answer closes the opened depth."""
-    pre = _prefix(rng)
+    pre = _prefix(rng, distractors)
     maker = rng.choice((corpus.list_statement, corpus.list_statement, corpus.for_list_block))
     state = rng.getstate()
     out = []
@@ -76,7 +78,7 @@ def _bracket_pair(rng: random.Random) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def _accumulator_pair(rng: random.Random) -> tuple[str, str]:
+def _accumulator_pair(rng: random.Random, distractors: bool = True) -> tuple[str, str]:
     """`x = set()` ... `x` vs `x = ""` ... `x`: the answer is `.` (of `.add(`) or ` +=`."""
     p = corpus.draw_accumulator(rng)
     out = []
@@ -87,7 +89,7 @@ def _accumulator_pair(rng: random.Random) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def _bool_pair(rng: random.Random) -> tuple[str, str]:
+def _bool_pair(rng: random.Random, distractors: bool = True) -> tuple[str, str]:
     """`while True` vs `return True` inside a small function: the answer is `:` or a newline."""
     p = corpus.draw_bool_func(rng)
     out = []
@@ -97,7 +99,7 @@ def _bool_pair(rng: random.Random) -> tuple[str, str]:
     return out[0], out[1]
 
 
-_PAIRS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+_PAIRS: dict[str, Callable[[random.Random, bool], tuple[str, str]]] = {
     "single_double_quote": _quote_pair,
     "bracket_counting": _bracket_pair,
     "set_or_string": _accumulator_pair,
@@ -105,9 +107,11 @@ _PAIRS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def make_task(name: str, tok: Tokenizer, n_pairs: int, seed: int, max_len: int = 64) -> TaskBatch:
+def make_task(name: str, tok: Tokenizer, n_pairs: int, seed: int, max_len: int = 64,
+              distractors: bool = True) -> TaskBatch:
     """`n_pairs` minimal pairs of task `name` (deterministic given seed), each context at most
-    `max_len` tokens including its leading EOT."""
+    `max_len` tokens including its leading EOT. ``distractors``: unrelated statements before a quote
+    or bracket decision may hold closed strings and lists (the harder variant); without, none do."""
     if name not in _PAIRS:
         raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
     a, b = (single_token(tok, t) for t in CANDIDATES[name])
@@ -120,7 +124,8 @@ def make_task(name: str, tok: Tokenizer, n_pairs: int, seed: int, max_len: int =
         if tries > 100 * n_pairs + 1000:
             raise ValueError(f"task {name}: could not draw {n_pairs} pairs of contexts of at most "
                              f"{max_len} tokens")
-        pair = [[eot] + tok.encode(text, add_special_tokens=False).ids for text in _PAIRS[name](rng)]
+        pair = [[eot] + tok.encode(text, add_special_tokens=False).ids
+                for text in _PAIRS[name](rng, distractors)]
         if max(map(len, pair)) <= max_len:
             rows += pair
     width = max(map(len, rows))
