@@ -174,6 +174,19 @@ def test_without_distractors_no_closed_string_or_list_precedes_the_decision(tok,
     assert any(t for t in before_decision(clean))  # unrelated statements still come first sometimes
 
 
+def test_opening_tokens_keep_a_calls_opening_quote_apart_from_the_closing_one(docs):
+    plain, opening = train_tokenizer(docs, 512), train_tokenizer(docs, 512, opening_tokens=True)
+    text = 'print("apples")\nname = \'pears\'\n'
+    assert opening.decode(opening.encode(text).ids) == text
+    assert '("' not in plain.encode(text).tokens  # the plain tokenizer: `(` then the quote token
+    tokens = opening.encode(text).tokens
+    assert '("' in tokens and '"' in tokens[tokens.index('("') + 1:]  # opens with `("`, closes with `"`
+    b = make_task("single_double_quote", opening, 50, seed=1)
+    heads = {opening.id_to_token(int(t)) for t in b.tokens.flatten()}
+    assert {'("', "('"} & heads  # the print(...) pairs now differ in the opening token
+    assert opening.decode([b.token_a]) == '"' and opening.decode([b.token_b]) == "'"
+
+
 def test_make_task_is_deterministic(tok):
     one, two = make_task("set_or_string", tok, 20, 5), make_task("set_or_string", tok, 20, 5)
     assert torch.equal(one.tokens, two.tokens) and torch.equal(one.last, two.last)

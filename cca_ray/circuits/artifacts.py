@@ -82,7 +82,7 @@ class Artifacts:
         s = self.c.corpus
         docs = generate_corpus(s.train_docs + s.val_docs, s.seed)
         train_docs, val_docs = docs[:s.train_docs], docs[s.train_docs:]
-        tok = train_tokenizer(train_docs, s.vocab_size)
+        tok = train_tokenizer(train_docs, s.vocab_size, opening_tokens=s.opening_tokens)
         train, val = encode_docs(tok, train_docs), encode_docs(tok, val_docs)
         save_tokenizer(tok, tmp / "tokenizer.json")
         write_safetensors({"train": train, "val": val}, tmp / "tokens.safetensors")

@@ -24,6 +24,8 @@ class CorpusSection(Section):
     val_docs: int = Field(2_000, ge=10)
     vocab_size: int = Field(512, ge=64, le=65_536)
     seed: int = Field(0, ge=0)
+    opening_tokens: bool = Field(False, description='`("` and `(\'` as tokens of their own: an opening '
+                                                    "quote is never the closing quote's token")
 
 
 class ModelSection(Section):

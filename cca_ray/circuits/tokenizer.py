@@ -31,8 +31,13 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Split(Regex(PATTERN), behavior="isolated")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A BPE tokenizer of `vocab_size` tokens (EOT = id 0) trained on `texts`; decode(encode(t)) == t."""
+OPENING = ('("', "('")  # a call's opening quote, as its own token with `opening_tokens`
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, opening_tokens: bool = False) -> Tokenizer:
+    """A BPE tokenizer of `vocab_size` tokens (EOT = id 0) trained on `texts`; decode(encode(t)) == t.
+    ``opening_tokens``: `("` and `('` become tokens of their own, so an opening quote inside a call
+    is never the token that closes a string (with a space before it, it never was)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.Fuse()  # tokens hold their literal spaces: decoding is concatenation
@@ -42,6 +47,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.train_from_iterator(texts, trainer)
     if len(tok.encode(CLOSE2).ids) != 1 and any(CLOSE2 in t for t in texts):
         tok.add_tokens([AddedToken(CLOSE2, normalized=False)])
+    if opening_tokens:
+        tok.add_tokens([AddedToken(t, normalized=False) for t in OPENING])
     return tok
 
 
