@@ -149,3 +149,25 @@ def test_cleanup_never_returns_a_circuit_that_fails_on_held_out_pairs():
     circuit, what = confirmed_cleanup(nodes, passes(val), passes(_context_batch(0, 8)))
     assert circuit == [("L0.mlp", 0)] and what == "removed 1 nodes"
     assert locations == {"L0.mlp": 2}
+
+
+def test_tied_qk_masks_keep_or_drop_q_and_k_channels_together():
+    from test_circuits import SPEC
+
+    from cca_ray.circuits.model import SparseGPT
+    from cca_ray.circuits.prune import node_means
+
+    torch.manual_seed(0)
+    model = SparseGPT(SPEC)
+    tokens = torch.randint(1, SPEC.vocab_size, (2000,))
+    means = node_means(model, tokens, windows=16, batch_size=8)
+    pairs = TaskBatch(tokens=torch.randint(1, SPEC.vocab_size, (16, 8)), last=torch.full((16,), 7),
+                      correct=torch.tensor([1, 2] * 8), alternative=torch.tensor([2, 1] * 8),
+                      label=torch.tensor([1.0, -1.0] * 8), token_a=1, token_b=2, name="random")
+    s = PruneSpec(steps=20, batch_pairs=4, lr=5e-2, k_coef=1e-2)
+    free, _ = train_masks(model, means, pairs, s)
+    tied, _ = train_masks(model, means, pairs, PruneSpec(**{**s.to_dict(), "tied_qk": True}))
+    for layer in range(SPEC.n_layer):
+        q, k = f"L{layer}.q", f"L{layer}.k"
+        assert torch.equal(tied[q], tied[k])  # one tau per (q, k) channel pair
+        assert not torch.equal(free[q], free[k])  # untied they move apart

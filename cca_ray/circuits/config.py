@@ -113,6 +113,7 @@ class PruneSection(Section):
     calibrated: bool = Field(False, description="bisect over the learned mask's nodes on calibrated loss")
     max_scale: float = Field(4.0, gt=0, description="cap of the calibration's logit scale")
     cleanup: bool = Field(False, description="greedy removal confirmed on held-out pairs (needs calibrated)")
+    tied_qk: bool = Field(False, description="one mask value for q channel i and k channel i of a layer")
     distractors: bool = Field(True, description="closed strings / lists may precede a quote or bracket "
                                                 "decision (the harder variant); false: none do")
 

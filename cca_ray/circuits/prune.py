@@ -57,6 +57,7 @@ class PruneSpec:
     calibrated: bool = False
     max_scale: float = 4.0
     cleanup: bool = False
+    tied_qk: bool = False  # one tau for q channel i and k channel i of a layer (kept or dropped together)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,8 +177,13 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
     locations = model.node_locations()
     taus = {n: torch.nn.Parameter(s.init_noise_bias + s.init_noise_scale * torch.randn(d, generator=gen))
             for n, d in locations.items()}
-    opt = torch.optim.AdamW(list(taus.values()), lr=s.lr, betas=(0.9, 1.0 - s.inv_beta2),
-                            weight_decay=s.weight_decay)
+    if s.tied_qk:
+        for n in locations:
+            layer, _, loc = n.partition(".")
+            if loc == "k" and f"{layer}.q" in taus and locations[f"{layer}.q"] == locations[n]:
+                taus[n] = taus[f"{layer}.q"]  # the same Parameter: one gate for both
+    unique = list({id(t): t for t in taus.values()}.values())
+    opt = torch.optim.AdamW(unique, lr=s.lr, betas=(0.9, 1.0 - s.inv_beta2), weight_decay=s.weight_decay)
     pairs = len(batch) // 2
     history = []
     controller = (KCoefController(s.k_coef, s.controller_level * s.target_loss, s.k_coef_min, s.k_coef_max,
@@ -197,10 +203,10 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
             loss = loss_task + k_coef * kept
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(taus.values()), s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(unique, s.grad_clip)
             opt.step()
             with torch.no_grad():
-                for t in taus.values():
+                for t in unique:
                     t.clamp_(-1.0, 1.0)
             if step % 50 == 0 or step == s.steps - 1:
                 history.append({"step": step, "task_loss": float(loss_task.detach()),
