@@ -45,8 +45,8 @@ class SamplerEngine:
             return
         params = dict(self.sampler.model.named_parameters())
         with torch.no_grad():
-            for name, entry in update.items():
-                w = materialise(entry, self._base(name))
+            for name, entry in update.items():  # the checkpoint is read only where the entry needs it
+                w = entry if isinstance(entry, torch.Tensor) else materialise(entry, self._base(name))
                 params[name].copy_(w.to(params[name].device, params[name].dtype))
 
     def ensure(self, key: tuple | None, box: list) -> None:

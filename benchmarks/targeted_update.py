@@ -45,13 +45,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cca_ray.components import KINDS, component_space
 from cca_ray.dcm import Example, full_logits, logit_difference
 from cca_ray.update import RowDeltas, selected_rows
+from cca_ray.update.sft import LORA_TARGETS
 from cca_ray.update.train import accumulate, checkpointing, micro_batches
 
 PAD = 0
 LR = 1e-4
 VARIANTS = ("full_adamw", "lora", "full", "rows", "rows_ckpt", "rows_micro", "rows_micro_ckpt")
 TARGETED = ("rows", "rows_ckpt", "rows_micro", "rows_micro_ckpt")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOAL = 1 / 3  # targeted update peak / full fine-tuning (AdamW) peak
 MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -180,7 +180,7 @@ def worker(args: argparse.Namespace) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS))
+                                                 target_modules=list(LORA_TARGETS)))
         adapters = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in adapters)
         opt = torch.optim.AdamW(adapters, lr=LR, foreach=False)

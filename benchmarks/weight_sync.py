@@ -32,8 +32,7 @@ from cca_ray.sampling.vllm_sync import op_bytes, sync_ops, vllm_module  # noqa: 
 from cca_ray.sampling.weights import LowRank  # noqa: E402
 from cca_ray.tiny.tokenizer import train_tokenizer  # noqa: E402
 from cca_ray.update import RowDeltas, selected_rows  # noqa: E402
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from cca_ray.update.sft import LORA_TARGETS  # noqa: E402
 
 
 def updates(model, fraction: float, rank: int) -> dict[str, dict]:

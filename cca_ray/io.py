@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -37,8 +38,9 @@ def checkpoint_reader(model_dir: str | Path):
         with safe_open(str(model_dir / where[name]), framework="pt") as f:
             return f.get_tensor(name)
 
+    @functools.cache
     def shape(name: str) -> list[int]:
-        """The tensor's shape, from the file's header (nothing read)."""
+        """The tensor's shape, from the file's header (nothing read; asked once per name)."""
         if name not in where:
             raise KeyError(f"{name} is not in the checkpoint at {model_dir}")
         with safe_open(str(model_dir / where[name]), framework="pt") as f:

@@ -19,6 +19,7 @@ from cca_ray.circuits.selection import (
     bisect_smallest,
     calibrated_loss,
     confirmed_cleanup,
+    fit_scale_shift,
 )
 from cca_ray.circuits.tasks import TaskBatch, binary_logit, task_loss
 
@@ -235,27 +236,17 @@ def node_order(taus: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
     return [names[i] for i in order]
 
 
-def top_k_keep(order: list[tuple[str, int]], k: int, locations: dict[str, int]) -> Keep:
-    """The keep masks of the first k nodes of `order`."""
+def keep_of(nodes: list[tuple[str, int]], locations: dict[str, int]) -> Keep:
+    """The keep masks holding exactly these (location, channel) nodes."""
     keep = {n: torch.zeros(d, dtype=torch.bool) for n, d in locations.items()}
-    for n, i in order[:k]:
+    for n, i in nodes:
         keep[n][i] = True
     return keep
 
 
-def fit_scale_shift(d: torch.Tensor, batch: TaskBatch, steps: int = 16) -> tuple[float, float]:
-    """Scale and shift of the binary logit minimising the task loss, by LBFGS (`steps` iterations)."""
-    params = torch.tensor([1.0, 0.0], requires_grad=True)
-    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.softplus(-batch.label * (params[0] * d + params[1])).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(params[0]), float(params[1])
+def top_k_keep(order: list[tuple[str, int]], k: int, locations: dict[str, int]) -> Keep:
+    """The keep masks of the first k nodes of `order`."""
+    return keep_of(order[:k], locations)
 
 
 def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, val: TaskBatch,
@@ -268,6 +259,8 @@ def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, va
     full_d = circuit_logit(model, means, None, test)
     taus, history = train_masks(model, means, train, s, progress)
     order = node_order(taus)
+    if s.calibrated:
+        return _prune_calibrated(model, means, val, test, s, taus, order, history, full_d, start)
     cache: dict[int, float] = {}
 
     def loss_of_k(k: int) -> float:
@@ -275,8 +268,6 @@ def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, va
             cache[k] = loss_from_logit(circuit_logit(model, means, top_k_keep(order, k, locations), val), val)
         return cache[k]
 
-    if s.calibrated:
-        return _prune_calibrated(model, means, val, test, s, taus, order, history, full_d, start)
     k = bisect_smallest(loss_of_k, total, s.target_loss)
     result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
               "learned_kept": int(sum(int((t > 0).sum()) for t in taus.values())),
@@ -287,24 +278,22 @@ def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, va
         return {**result, "reached": False, "n_nodes": None, "keep": None, "task_loss": loss_of_k(total),
                 "seconds": time.perf_counter() - start}
     keep = top_k_keep(order, k, locations)
-    scale, shift = fit_scale_shift(circuit_logit(model, means, keep, val), val, s.lbfgs_steps)
-    suff_loss = loss_from_logit(circuit_logit(model, means, keep, test), test, scale, shift)
-    ablated = {n: ~m for n, m in keep.items()}
-    nec_loss = loss_from_logit(circuit_logit(model, means, ablated, test), test)
-    return {**result, "reached": True, "n_nodes": k, "keep": {n: m.nonzero().flatten().tolist()
-                                                            for n, m in keep.items() if m.any()},
-            "val_loss_uncalibrated": loss_of_k(k), "scale": scale, "shift": shift,
-            "task_loss": suff_loss, "sufficient": suff_loss <= s.target_loss,
-            "necessity_loss": nec_loss, "necessary": nec_loss >= s.necessity_threshold,
-            "tau": {n: taus[n][m].tolist() for n, m in keep.items() if m.any()},
+    scale, shift = fit_scale_shift(circuit_logit(model, means, keep, val), val.label, s.lbfgs_steps)
+    return {**result, "reached": True, "n_nodes": k, "val_loss_uncalibrated": loss_of_k(k),
+            **_judged(model, means, keep, test, s, scale, shift, taus),
             "seconds": time.perf_counter() - start}
 
 
-def _keep_of(nodes: list[tuple[str, int]], locations: dict[str, int]) -> Keep:
-    keep = {n: torch.zeros(d, dtype=torch.bool) for n, d in locations.items()}
-    for n, i in nodes:
-        keep[n][i] = True
-    return keep
+def _judged(model: SparseGPT, means: dict[str, torch.Tensor], keep: Keep, test: TaskBatch, s: PruneSpec,
+            scale: float, shift: float, taus: dict[str, torch.Tensor]) -> dict:
+    """A circuit judged on held-out pairs: sufficiency (only it kept, with validation's calibration)
+    and necessity (only it ablated); with its keep lists and taus."""
+    suff = loss_from_logit(circuit_logit(model, means, keep, test), test, scale, shift)
+    nec = loss_from_logit(circuit_logit(model, means, {n: ~m for n, m in keep.items()}, test), test)
+    return {"keep": {n: m.nonzero().flatten().tolist() for n, m in keep.items() if m.any()},
+            "scale": scale, "shift": shift, "task_loss": suff, "sufficient": suff <= s.target_loss,
+            "necessity_loss": nec, "necessary": nec >= s.necessity_threshold,
+            "tau": {n: taus[n][m].tolist() for n, m in keep.items() if m.any()}}
 
 
 def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: TaskBatch, test: TaskBatch,
@@ -320,17 +309,13 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
     def calibrated(nodes: list[tuple[str, int]]) -> tuple[float, float, float]:
         key = tuple(sorted(nodes))
         if key not in cache:
-            d = circuit_logit(model, means, _keep_of(nodes, locations), val)
+            d = circuit_logit(model, means, keep_of(nodes, locations), val)
             cache[key] = calibrated_loss(d, val.label, s.max_scale, s.lbfgs_steps)
         return cache[key]
 
-    def held_out(nodes: list[tuple[str, int]]) -> tuple[float, float]:
-        """(sufficiency loss on test with validation's calibration, loss with the circuit ablated)."""
+    def judged(nodes: list[tuple[str, int]]) -> dict:
         _, scale, shift = calibrated(nodes)
-        keep = _keep_of(nodes, locations)
-        suff = loss_from_logit(circuit_logit(model, means, keep, test), test, scale, shift)
-        nec = loss_from_logit(circuit_logit(model, means, {n: ~m for n, m in keep.items()}, test), test)
-        return suff, nec
+        return _judged(model, means, keep_of(nodes, locations), test, s, scale, shift, taus)
 
     k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, s.target_loss)
     result = {"total_nodes": sum(locations.values()), "full_model_loss": loss_from_logit(full_d, test),
@@ -345,17 +330,10 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
     nodes, cleanup = order[:k], "off"
     if s.cleanup:
         def passes_test(c: list[tuple[str, int]]) -> bool:
-            suff, nec = held_out(c)
-            return suff <= s.target_loss and nec >= s.necessity_threshold
+            j = judged(c)
+            return j["sufficient"] and j["necessary"]
 
         nodes, cleanup = confirmed_cleanup(nodes, lambda c: calibrated(c)[0] <= s.target_loss, passes_test)
-    val_loss, scale, shift = calibrated(nodes)
-    suff_loss, nec_loss = held_out(nodes)
-    keep = _keep_of(nodes, locations)
     return {**result, "reached": True, "n_nodes": len(nodes), "bisection_nodes": k, "cleanup": cleanup,
-            "keep": {n: m.nonzero().flatten().tolist() for n, m in keep.items() if m.any()},
-            "val_loss_calibrated": val_loss, "scale": scale, "shift": shift,
-            "task_loss": suff_loss, "sufficient": suff_loss <= s.target_loss,
-            "necessity_loss": nec_loss, "necessary": nec_loss >= s.necessity_threshold,
-            "tau": {n: taus[n][m].tolist() for n, m in keep.items() if m.any()},
+            "val_loss_calibrated": calibrated(nodes)[0], **judged(nodes),
             "seconds": time.perf_counter() - start}

@@ -37,31 +37,33 @@ class KCoefController:
         return self.k_coef
 
 
+def fit_scale_shift(d: torch.Tensor, label: torch.Tensor, steps: int = 16, scale: float | None = None,
+                    shift: float = 0.0) -> tuple[float, float]:
+    """Scale and shift of the binary logit ``d`` minimising the task loss, by LBFGS (`steps`
+    iterations); with ``scale`` given, only the shift is fitted (from ``shift``)."""
+    params = torch.tensor([1.0, shift] if scale is None else [shift], requires_grad=True)
+    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        a = params[0] if scale is None else scale
+        loss = torch.nn.functional.softplus(-label * (a * d + params[-1])).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    fitted = params.detach()
+    return (float(fitted[0]) if scale is None else scale), float(fitted[-1])
+
+
 def calibrated_loss(d: torch.Tensor, label: torch.Tensor, max_scale: float,
                     steps: int = 16) -> tuple[float, float, float]:
     """(loss, scale, shift): the task loss of the binary logit ``d`` after a scale and shift fitted by
     LBFGS, the scale kept within [0, max_scale] (a shift alone is refitted at the bound)."""
-    def fit(params: torch.Tensor, scale: float | None) -> None:
-        opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            a = params[0] if scale is None else torch.tensor(scale)
-            loss = torch.nn.functional.softplus(-label * (a * d + params[-1])).mean()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-
     d = d.detach().float()
-    params = torch.tensor([1.0, 0.0], requires_grad=True)
-    fit(params, None)
-    scale, shift = float(params[0].detach()), float(params[1].detach())
+    scale, shift = fit_scale_shift(d, label, steps)
     if not 0.0 <= scale <= max_scale:
-        scale = min(max(scale, 0.0), max_scale)
-        one = torch.tensor([shift], requires_grad=True)
-        fit(one, scale)
-        shift = float(one[0].detach())
+        scale, shift = fit_scale_shift(d, label, steps, scale=min(max(scale, 0.0), max_scale), shift=shift)
     loss = float(torch.nn.functional.softplus(-label * (scale * d + shift)).mean())
     return loss, scale, shift
 

@@ -57,7 +57,7 @@ def build_prompt(question: str, n_shots: int = MAX_SHOTS, chat_template: bool = 
     template (shots as alternating user/assistant turns) when ``chat_template`` is set."""
     if not 0 <= n_shots <= MAX_SHOTS:
         raise ValueError(f"n_shots must be in 0..{MAX_SHOTS}, got {n_shots}")
-    shots = gsm8k_cot_exemplars()[:n_shots]
+    shots = gsm8k_cot_exemplars()[:n_shots] if n_shots else ()  # zero-shot needs no lm-eval
     if not chat_template:
         blocks = [INSTRUCTION]
         blocks += [f"Q: {q}\nA: {COT_PREFIX} {a}" for q, a in shots]

@@ -35,15 +35,23 @@ class CachedLayer:
     valid: torch.Tensor
 
 
-_ACTIVE: list[CachedLayer] = []  # the layers of the forward running inside cached_prefix()
-_SOFTCAP = [True]  # whether the implementation it stands in for applies soft-capping (sdpa ignores it)
+@dataclass
+class _Active:
+    """The forward running inside cached_prefix(): its cached layers, and whether the implementation
+    this one stands in for applies soft-capping (sdpa ignores it)."""
+
+    layers: list[CachedLayer]
+    softcap: bool
+
+
+_ACTIVE = _Active([], True)
 
 
 def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
               scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None,
               **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, heads, 1, dim]; key/value [B, kv_heads, 1, dim]: the new token's (no cache passed)."""
-    cached = _ACTIVE[module.layer_idx]
+    cached = _ACTIVE.layers[module.layer_idx]
     b, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError(f"cached-prefix attention scores one new token, got {q_len}")
@@ -56,7 +64,7 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     parts.append(torch.einsum("bkgd,bkwd->bkgw", q, cached.own_k))
     parts.append(torch.einsum("bkgd,bkd->bkg", q, key[:, :, -1]).unsqueeze(-1))
     scores = torch.cat(parts, dim=-1).to(work) * (scaling if scaling is not None else dim ** -0.5)
-    if softcap is not None and _SOFTCAP[0]:
+    if softcap is not None and _ACTIVE.softcap:
         scores = torch.tanh(scores / softcap) * softcap
     n_shared, width = (parts[0].shape[-1] if cached.shared is not None else 0), cached.own_k.shape[2]
     hidden = torch.zeros(b, scores.shape[-1], dtype=torch.bool, device=scores.device)
@@ -83,12 +91,12 @@ def cached_prefix(model, layers: list[CachedLayer]) -> Iterator[None]:
         c = todo.pop()
         configs.append((c, c._attn_implementation))
         todo += [getattr(c, k) for k in getattr(c, "sub_configs", {}) if getattr(c, k, None) is not None]
-    _ACTIVE[:] = layers
-    _SOFTCAP[0] = model.config._attn_implementation != "sdpa"  # as the model computes without the cache
+    _ACTIVE.layers = layers
+    _ACTIVE.softcap = model.config._attn_implementation != "sdpa"  # as the model computes without the cache
     model.config._attn_implementation = NAME
     try:
         yield
     finally:
         for c, value in configs:
             c._attn_implementation_internal = value
-        _ACTIVE.clear()
+        _ACTIVE.layers = []

@@ -178,7 +178,7 @@ def model_group(c: CCAConfig, path: str) -> tuple[Any, Any]:
     ray.get(pg.ready())
     sampler = SamplerActor.options(**actor_options(res.sampler, pg, 0)).remote(
         c.sampling.backend, path, c.model.dtype, c.evaluation.batch_size,
-        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens), 4096, c.sampling.sync_timeout_s)
+        max(c.sampling.max_new_tokens, c.evaluation.max_new_tokens), sync_timeout=c.sampling.sync_timeout_s)
     return pg, sampler
 
 

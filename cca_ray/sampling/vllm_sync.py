@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cca_ray.sampling.weights import LowRank, Rows, WeightUpdate, decode, encode
+from cca_ray.sampling.weights import Entry, LowRank, Rows, WeightUpdate, decode, encode, materialise
 
 # HF projection -> (vLLM fused module, the order of the parts inside it); the same for every
 # architecture in the components table (vLLM fuses q/k/v and gate/up alike for all of them).
@@ -72,6 +72,19 @@ def sync_ops(shape: Callable[[str], list[int]], update: WeightUpdate) -> list[Op
     return list(ops.values())
 
 
+def decode_part(kind: str, payload: list) -> Entry:
+    """The update entry a part of `sync_ops` carries (its inverse, in the worker)."""
+    if kind == "reset":
+        return None
+    if kind == "block":
+        return decode(payload[0])
+    if kind == "rows":
+        return Rows(decode(payload[0]), decode(payload[1]))
+    if kind == "lowrank":
+        return LowRank(decode(payload[0]), decode(payload[1]), payload[2])
+    raise ValueError(f"unknown sync part {kind!r}")
+
+
 def op_bytes(ops: list[Op]) -> int:
     """Bytes of tensor data in the ops: what crosses the RPC."""
     return sum(len(x[0]) for _, _, _, parts in ops for part in parts for x in part
@@ -112,19 +125,13 @@ class WeightSync:
                     plain[module] = torch.cat([read(p) for p in hf_parts]).to(runner.model_config.dtype)
                 target = plain[module] if packed else w  # a vocabulary vLLM padded keeps its padding rows
                 for kind, name, offset, rows, *payload in parts:
-                    block = target[offset : offset + rows]
-                    if kind == "reset":
-                        block.copy_(read(name))
-                    elif kind == "block":
-                        block.copy_(decode(payload[0]))
-                    elif kind == "rows":
-                        index = decode(payload[0]).to(block.device)
-                        block[index] = decode(payload[1]).to(block.device, block.dtype)
-                    elif kind == "lowrank":
-                        a, b = decode(payload[0]).float(), decode(payload[1]).float()
-                        block.copy_(read(name).float() + payload[2] * (b @ a))
-                    else:
-                        raise ValueError(f"unknown sync part {kind!r}")
+                    block, entry = target[offset : offset + rows], decode_part(kind, payload)
+                    if isinstance(entry, Rows):  # in place: only these rows cross and change
+                        block[entry.index.to(block.device)] = entry.values.to(block.device, block.dtype)
+                    elif isinstance(entry, torch.Tensor):
+                        block.copy_(entry)
+                    else:  # LoRA product or reset: the HF side's formula, the checkpoint read here
+                        block.copy_(materialise(entry, read(name)))
                     applied += 1
                 if packed:
                     w = torch.nn.Parameter(target.clone().to(w.device), requires_grad=False)

@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 
 from cca_ray.dcm.batches import Example
-from cca_ray.sampling.weights import Rows
+from cca_ray.sampling.weights import Rows, WeightUpdate
 from cca_ray.update.loop import TrainResult, keep_best, schedule
 from cca_ray.update.train import check_inputs, logit_loss, micro_batches
 
@@ -158,15 +158,15 @@ class _Rows:
 
 
 def zero_targeted_update(model, rows: dict[str, torch.Tensor], examples: list[Example], pad_id: int,
-                         validate: Callable[[dict[str, torch.Tensor]], float], lr: float = 1e-4,
+                         validate: Callable[[WeightUpdate], float], lr: float = 1e-4,
                          steps: int = 50, optimizer: str = "sgd", micro_batch_size: int = 8,
                          zero_stage: int = 2, progress: bool = True,
                          desc: str = "update") -> TrainResult[list[torch.Tensor]]:
     """`targeted_update` on ``model``'s own weights inside a DeepSpeed ZeRO engine (world size 1, fp32).
 
     Only the parameters in ``rows`` train, and a gradient hook zeroes all but their selected rows.
-    ``validate(weights)`` gets, for every parameter in ``rows``, a CPU copy of its full weight as
-    ``merge_rows`` builds it from the current deltas (base + (current - base) on the rows), so the best
+    ``validate(weights)`` gets, for every parameter in ``rows``, its selected rows (`Rows`, CPU) as
+    ``merge_rows`` builds them from the current deltas (base + (current - base) on the rows), so the best
     step's score belongs to exactly the model that ``merge_rows(base, rows, result.best)`` exports (the
     live weights can differ from that by one ulp where an entry moved by more than half its size).
     ``model`` should sit on DeepSpeed's device already; it holds the base weights again (bit for bit,

@@ -12,6 +12,8 @@ from typing import Generic, TypeVar
 import torch
 from tqdm import tqdm
 
+from cca_ray.sampling.weights import WeightUpdate
+
 log = logging.getLogger("cca_ray")
 
 S = TypeVar("S")  # a snapshot: row deltas (targeted update) or name -> weight (whole-parameter baselines)
@@ -64,8 +66,8 @@ class TrainResult(Generic[S]):
 
 
 def keep_best(loss: Callable[[int], float], advance: Callable[[], None],
-              validate: Callable[[dict[str, torch.Tensor]], float], snapshot: Callable[[], S],
-              weights: Callable[[S], dict[str, torch.Tensor]], steps: int, marks: Iterable[int], *, lr: float,
+              validate: Callable[[WeightUpdate], float], snapshot: Callable[[], S],
+              weights: Callable[[S], WeightUpdate], steps: int, marks: Iterable[int], *, lr: float,
               trainable_parameters: int, progress: bool = True, desc: str = "update", what: str = "update",
               lr_name: str = "update.lr") -> TrainResult[S]:
     """Run ``steps`` training steps, validating step 0 and the steps in ``marks``.

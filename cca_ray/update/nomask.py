@@ -10,13 +10,14 @@ from collections.abc import Callable
 import torch
 
 from cca_ray.dcm.batches import Example
+from cca_ray.sampling.weights import WeightUpdate
 from cca_ray.update.loop import TrainResult, UpdateError, keep_best, schedule
 from cca_ray.update.sft import changed_only, restore_base
 from cca_ray.update.train import accumulate, micro_batches
 
 
 def all_parameter_update(model, examples: list[Example], pad_id: int,
-                         validate: Callable[[dict[str, torch.Tensor]], float], lr: float = 1e-4,
+                         validate: Callable[[WeightUpdate], float], lr: float = 1e-4,
                          steps: int = 50, micro_batch_size: int = 8, progress: bool = True,
                          desc: str = "no-mask update") -> TrainResult[dict[str, torch.Tensor]]:
     """W -= lr * grad(-mean logit difference) for every parameter, validated on `schedule(steps)`;

@@ -18,7 +18,7 @@ import torch
 from cca_ray.data.gsm_symbolic import Problem
 from cca_ray.data.prompts import solution_to_cot
 from cca_ray.sampling.base import encode_prompts
-from cca_ray.sampling.weights import LowRank
+from cca_ray.sampling.weights import LowRank, WeightUpdate
 from cca_ray.update.deepspeed import ds_config, gathered, init_distributed, restored
 from cca_ray.update.loop import TrainResult, UpdateError, keep_best, schedule
 
@@ -81,33 +81,30 @@ def _lora(model, r: int, alpha: int, dropout: float):
                                             target_modules=targets, bias="none"))
 
 
+def _lora_modules(peft_model):
+    """(base parameter name, LoRA-wrapped linear) for every adapted module of a peft model."""
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            yield name.replace("base_model.model.", "", 1) + ".weight", module
+
+
 def _merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
     """Base parameter name -> W + scale * B A for every LoRA-wrapped linear (what export merges)."""
-    out = {}
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight"):
-            base_name = name.replace("base_model.model.", "", 1) + ".weight"
-            with torch.no_grad():
-                delta = module.get_delta_weight("default")
-                out[base_name] = (module.base_layer.weight + delta).detach().cpu().clone()
-    return out
+    with torch.no_grad():
+        return {n: (m.base_layer.weight + m.get_delta_weight("default")).detach().cpu().clone()
+                for n, m in _lora_modules(peft_model)}
 
 
 def lora_update(peft_model) -> dict[str, LowRank]:
     """Base parameter name -> its LoRA product as it stands (a [r, in], b [out, r], scale): what a
     weight sync sends for a LoRA run instead of the merged weights (r x (in + out) numbers each)."""
-    out = {}
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            base_name = name.replace("base_model.model.", "", 1) + ".weight"
-            out[base_name] = LowRank(module.lora_A["default"].weight.detach().cpu().clone(),
-                                     module.lora_B["default"].weight.detach().cpu().clone(),
-                                     float(module.scaling["default"]))
-    return out
+    return {n: LowRank(m.lora_A["default"].weight.detach().cpu().clone(),
+                       m.lora_B["default"].weight.detach().cpu().clone(), float(m.scaling["default"]))
+            for n, m in _lora_modules(peft_model)}
 
 
 def finetune(model, examples: list[SFTExample], pad_id: int,
-             validate: Callable[[dict[str, torch.Tensor]], float], lora: bool = False, lr: float = 1e-5,
+             validate: Callable[[WeightUpdate], float], lora: bool = False, lr: float = 1e-5,
              steps: int = 100, batch_size: int = 8, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
              warmup_fraction: float = 0.03, eval_every: int = 10, seed: int = 0, lora_r: int = 16,
              lora_alpha: int = 32, lora_dropout: float = 0.1, zero_stage: int | None = None,

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from cca_ray.dcm.batches import Example, full_logits, logit_difference
+from cca_ray.sampling.weights import WeightUpdate
 from cca_ray.update.loop import TrainResult, UpdateError, keep_best, schedule
 from cca_ray.update.rows import RowDeltas
 
@@ -76,14 +77,15 @@ def check_inputs(examples: list[Example], n_rows: int) -> None:
 
 
 def targeted_update(model, deltas: RowDeltas, examples: list[Example], pad_id: int,
-                    validate: Callable[[dict[str, torch.Tensor]], float], lr: float = 1e-4, steps: int = 50,
+                    validate: Callable[[WeightUpdate], float], lr: float = 1e-4, steps: int = 50,
                     optimizer: str = "sgd", micro_batch_size: int = 8, gradient_checkpointing: bool = False,
                     progress: bool = True, desc: str = "update") -> TrainResult[list[torch.Tensor]]:
     """Train ``deltas`` (attached to ``model``) on -mean logit difference over all examples; the
     snapshots are the row deltas (`RowDeltas.snapshot`).
 
     ``validate(weights)`` scores the model as it stands (deltas attached) on the validation set;
-    ``weights`` are the current full weights of the trained parameters (for a separate engine).
+    ``weights`` are the trained parameters' selected rows as they stand (`Rows`: all a separate
+    engine needs, `RowDeltas.merged_rows`).
     ``gradient_checkpointing`` recomputes the decoder layers' activations in the backward
     (`checkpointing`): the same deltas, a lower peak memory, a slower step.
     """
