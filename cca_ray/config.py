@@ -158,14 +158,19 @@ class ResourcesConfig(Section):
 
 
 class Range(Section):
-    low: float = Field(gt=0)
-    high: float = Field(gt=0)
+    low: float = Field(ge=0)
+    high: float = Field(ge=0)
     log: bool = True
+    integer: bool = Field(False, description="whole numbers from low to high, both included (e.g. a seed)")
 
     @model_validator(mode="after")
     def _order(self) -> Range:
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low}); set log: false for a linear one")
+        if self.integer and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"an integer range needs whole bounds (got {self.low}..{self.high})")
         return self
 
 

@@ -47,6 +47,9 @@ def distribution(r) -> Any:
     """The Tune distribution of a config `Range` (log-uniform or uniform between low and high)."""
     from ray import tune
 
+    if r.integer:  # randint's upper bound is exclusive; lograndint needs low >= 1
+        low, high = int(r.low), int(r.high) + 1
+        return tune.lograndint(low, high) if r.log else tune.randint(low, high)
     return tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
 
 

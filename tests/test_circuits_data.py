@@ -160,8 +160,9 @@ def test_minimal_pairs(tok, name):
 
 @pytest.mark.parametrize("name", ["single_double_quote", "bracket_counting"])
 def test_without_distractors_no_closed_string_or_list_precedes_the_decision(tok, name):
-    """The harder variant (the default) puts closed strings and lists before about a quarter of the
-    decisions; without distractors none: every quote or bracket is in the decision's own line."""
+    """The harder variant (make_task's default; the config's is distractors: false) puts closed
+    strings and lists before about a quarter of the decisions; without distractors none: every
+    quote or bracket is in the decision's own line."""
     def before_decision(b):
         texts = [tok.decode(b.tokens[i, 1:b.last[i] + 1].tolist()) for i in range(len(b))]
         return [t[:t.rstrip("\n").rfind("\n") + 1] for t in texts]  # the lines before the last

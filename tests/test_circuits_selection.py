@@ -171,3 +171,27 @@ def test_tied_qk_masks_keep_or_drop_q_and_k_channels_together():
         q, k = f"L{layer}.q", f"L{layer}.k"
         assert torch.equal(tied[q], tied[k])  # one tau per (q, k) channel pair
         assert not torch.equal(free[q], free[k])  # untied they move apart
+
+
+def test_calibrated_mask_training_does_not_keep_nodes_for_confidence_alone():
+    """Every node points the right way; node 0 alone has a margin of 0.8 (plain loss 0.37, above the
+    target; with a scale of 4, 0.04). Trained on the plain loss the mask keeps extra nodes to add
+    margin; trained on the calibrated loss (a learned scale <= 4 and shift) it keeps node 0 alone."""
+    model = _Toy(torch.tensor([0.8] + [0.3] * 7))
+    means = {"L0.mlp": torch.zeros(8)}
+    base = dict(steps=300, batch_pairs=8, lr=3e-2, k_coef=4e-2, target_loss=0.15)
+    plain, _ = train_masks(model, means, _toy_batch(16), PruneSpec(**base))
+    calibrated, history = train_masks(model, means, _toy_batch(16), PruneSpec(**base, calibrated=True))
+    assert int((plain["L0.mlp"] > 0).sum()) >= 4  # the extra taus hover near 0: some end above it
+    assert bool(calibrated["L0.mlp"][0] > 0) and int((calibrated["L0.mlp"] > 0).sum()) <= 2
+    assert history[-1]["scale"] > 3.0 and history[-1]["task_loss"] < 0.15
+
+
+def test_the_search_ranks_circuits_that_pass_the_held_out_checks_first():
+    from cca_ray.circuits.artifacts import objective
+
+    passing = {"reached": True, "n_nodes": 50, "total_nodes": 1000, "sufficient": True, "necessary": True}
+    failing = {**passing, "n_nodes": 10, "sufficient": False}
+    missed = {"reached": False, "n_nodes": None, "total_nodes": 1000, "task_loss": 0.4}
+    assert objective(passing) == 50 < objective(failing) < objective(missed)
+    assert objective({**failing, "sufficient": True, "necessary": False}) == objective(failing) == 1010

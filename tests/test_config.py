@@ -114,3 +114,19 @@ def test_dump_round_trips_with_aliases():
     import yaml
 
     assert parse_config(yaml.safe_load(text)) == config
+
+
+def test_integer_ranges_draw_whole_numbers_and_log_ranges_need_positive_bounds():
+    from ray import tune
+
+    from cca_ray.config import Range
+    from cca_ray.ray_base import distribution
+
+    seed = distribution(Range(low=0, high=3, log=False, integer=True))
+    assert isinstance(seed, tune.search.sample.Integer)
+    draws = {seed.sample() for _ in range(200)}
+    assert draws == {0, 1, 2, 3}  # both bounds included
+    with pytest.raises(ValueError, match="log range needs low > 0"):
+        Range(low=0, high=3)
+    with pytest.raises(ValueError, match="whole bounds"):
+        Range(low=0.5, high=3, log=False, integer=True)

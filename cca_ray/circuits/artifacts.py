@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cca_ray.circuits.config import CircuitsConfig
-from cca_ray.io import write_safetensors
+from cca_ray.io import write_json, write_safetensors
 from cca_ray.stages import StageStore, stage_key
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,12 @@ class Artifacts:
         return stage_key("circuits-data", self.c.corpus.model_dump())
 
     def model_key(self, variant: str) -> str:
+        """data + model + train + the variant, and a matched-loss variant's reference model."""
         c = self.c
+        v = c.variant(variant)
+        ref = self.model_key(v.match_loss_of) if v.match_loss_of else None
         return stage_key("circuits-model", self.data_key, c.model.model_dump(),
-                         c.train.model_dump(exclude=_TRAIN_UNKEYED), c.variant(variant).model_dump())
+                         c.train.model_dump(exclude=_TRAIN_UNKEYED), v.model_dump(exclude_none=True), ref)
 
     def means_key(self, variant: str) -> str:
         p = self.c.prune
@@ -59,6 +62,12 @@ class Artifacts:
         c = self.c
         search = c.search.model_dump(exclude={"trial"}) if searched else None
         return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search)
+
+    def bridges_key(self) -> str:
+        """The bridges: both models, the bridges section, and the held-out task pairs they are checked on."""
+        c, b, p = self.c, self.c.bridges, self.c.prune
+        return stage_key("circuits-bridges", self.model_key(b.dense), self.model_key(b.sparse),
+                         b.model_dump(), c.tasks, p.seed, p.test_pairs, p.distractors)
 
     def circuit_dir(self, variant: str, task: str) -> Path:
         """Where users look for a circuit: OUT/circuits/<variant>/<task>/ (copied from its stages)."""
@@ -97,12 +106,17 @@ class Artifacts:
         name, key = f"model-{variant}", self.model_key(variant)
         ckpt = self.out / "checkpoints" / f"{name}-{key}"
 
+        v = self.c.variant(variant)
+        stop = None
+        if v.match_loss_of:  # the reference first: its final val loss is where this one stops
+            self.train(v.match_loss_of, progress)
+            stop = self.model_meta(v.match_loss_of)["val_loss"]
+
         def compute(tmp: Path) -> dict:
             tok, train_tokens, val_tokens = self.data()
-            v = self.c.variant(variant)
-            train(self.c.model.spec(tok.get_vocab_size()), self.c.train.spec(v.l0_target), train_tokens,
+            train(self.c.model.spec(tok.get_vocab_size()), self.c.train.spec(v.l0_target, stop), train_tokens,
                   val_tokens, tmp, progress, checkpoint=ckpt)
-            return {"variant": variant, "l0_target": v.l0_target}
+            return {"variant": variant, "l0_target": v.l0_target, "stop_at_loss": stop}
 
         path, _ = self.store.run(name, key, compute)
         shutil.rmtree(ckpt, ignore_errors=True)  # the model is published: its checkpoint is spent
@@ -145,6 +159,32 @@ class Artifacts:
         path, _ = self.store.run(f"means-{variant}", self.means_key(variant), compute)
         return model, load_file(str(path / "means.safetensors"))
 
+    def bridges(self, progress: bool = True) -> dict | None:
+        """Train (or reuse) the bridges between the config's dense and sparse variants and check them
+        on every task's held-out pairs; None when disabled or either variant is not in the config."""
+        b = self.c.bridges
+        names = {v.name for v in self.c.variants}
+        if not b.enabled or not {b.dense, b.sparse} <= names:
+            return None
+
+        def compute(tmp: Path) -> dict:
+            from cca_ray.circuits.bridges import bridged_task_losses, train_bridges
+            from cca_ray.circuits.train import load_model
+
+            dense, sparse = (load_model(self.model_dir(n)) for n in (b.dense, b.sparse))
+            tok, train_tokens, _ = self.data()
+            bridges, history = train_bridges(dense, sparse, train_tokens, b.spec(), progress)
+            write_safetensors(bridges.state_dict(), tmp / "bridges.safetensors")
+            n_ctx = dense.spec.n_ctx
+            tasks = {t: bridged_task_losses(bridges, dense, sparse, self.task_sets(tok, t, n_ctx)[2])
+                     for t in self.c.tasks}
+            write_json({"dense": b.dense, "sparse": b.sparse, "spec": b.spec().to_dict(), "history": history,
+                        "final": history[-1] if history else None, "task_loss": tasks}, tmp / "bridges.json")
+            return {"dense": b.dense, "sparse": b.sparse}
+
+        path, _ = self.store.run("bridges", self.bridges_key(), compute)
+        return json.loads((path / "bridges.json").read_text())
+
     # ---- pruning (no stage of its own: a Tune trial runs one of many) ---------------------------
     def task_sets(self, tok, task: str, n_ctx: int):
         """Train / val / test minimal pairs of a task (disjoint seeds, same for every model)."""
@@ -166,7 +206,11 @@ class Artifacts:
 
 
 def objective(result: dict) -> float:
-    """What the search minimises: circuit nodes when the target is reached, else worse than any circuit."""
+    """What the search minimises: circuit nodes when the target is reached and the circuit passes the
+    held-out checks (sufficient and necessary); a reached circuit that fails them ranks after every
+    passing one, and a trial that misses the target after both."""
+    total = float(result["total_nodes"])
     if result.get("reached"):
-        return float(result["n_nodes"])
-    return float(result["total_nodes"]) + 1.0 + min(float(result.get("task_loss") or math.inf), 1e3)
+        passes = result.get("sufficient", True) and result.get("necessary", True)
+        return float(result["n_nodes"]) + (0.0 if passes else total)
+    return 2 * total + 1.0 + min(float(result.get("task_loss") or math.inf), 1e3)

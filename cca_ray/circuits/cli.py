@@ -1,4 +1,4 @@
-"""`cca-ray circuits train | prune | report | run`: thin argument parsing over circuits.run."""
+"""`cca-ray circuits train | prune | bridges | report | run`: thin argument parsing over circuits.run."""
 
 from __future__ import annotations
 
@@ -91,6 +91,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bridges(args: argparse.Namespace) -> int:
+    """Train (or reuse) the bridges between the trained dense and sparse variants; print their check."""
+    from cca_ray.circuits.report import summarize
+
+    a = _setup(args)
+    b = a.c.bridges
+    for n in (b.dense, b.sparse):
+        a.model_dir(a.c.variant(n).name)  # clear errors: unknown or untrained variant
+    if a.bridges(progress=not args.quiet) is None:
+        print("bridges are disabled in this config (bridges.enabled: false)")
+        return 0
+    summarize(a)
+    print(Path(args.out, "report.md").read_text(), end="")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Everything on the config (default: the built-in CPU-sized run): data, train, prune, report."""
     from cca_ray.circuits.run import run_all
@@ -130,6 +146,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--no-search", action="store_true", help="one pruning with the config's values")
     pr.add_argument("--force", action="store_true", help="prune again where a circuit exists")
     pr.set_defaults(func=cmd_prune)
+
+    br = csub.add_parser("bridges",
+                         help="encoders/decoders between the dense and sparse models, checked on tasks")
+    common(br, ray_args=False)
+    br.set_defaults(func=cmd_bridges)
 
     rp = csub.add_parser("report", help="circuits.json and report.md from finished circuits")
     common(rp, ray_args=False)

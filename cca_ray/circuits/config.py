@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from cca_ray.circuits.bridges import BridgeSpec
 from cca_ray.circuits.model import ModelSpec
 from cca_ray.circuits.prune import PruneSpec
 from cca_ray.circuits.tasks import TASKS
@@ -24,18 +25,18 @@ class CorpusSection(Section):
     val_docs: int = Field(2_000, ge=10)
     vocab_size: int = Field(512, ge=64, le=65_536)
     seed: int = Field(0, ge=0)
-    opening_tokens: bool = Field(False, description='`("` and `(\'` as tokens of their own: an opening '
+    opening_tokens: bool = Field(True, description='`("` and `(\'` as tokens of their own: an opening '
                                                     "quote is never the closing quote's token")
 
 
 class ModelSection(Section):
-    n_layer: int = Field(4, ge=1)
-    d_model: int = Field(128, ge=16)
+    n_layer: int = Field(2, ge=1)
+    d_model: int = Field(256, ge=16)
     d_head: int = Field(16, ge=1)
-    d_mlp: int = Field(512, ge=4)
+    d_mlp: int = Field(1024, ge=4)
     n_ctx: int = Field(64, ge=16)
     sinks: bool = True
-    bigram: bool = False
+    bigram: bool = True
     pos_emb: bool = False
     act_topk_fraction: float | None = Field(0.25, gt=0, le=1, description="AbsTopK k = dim x this; null: off")
 
@@ -53,7 +54,7 @@ class TrainSection(Section):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-2, gt=0)
-    embed_l0_factor: float = Field(4.0, ge=1)
+    embed_l0_factor: float = Field(1.0, ge=1, description="embeddings keep min(1, this x L0)")
     min_per_neuron: int = Field(4, ge=0)
     anneal_start: float = Field(0.01, ge=0, le=1)
     anneal_end: float = Field(0.5, ge=0, le=1)
@@ -66,6 +67,7 @@ class TrainSection(Section):
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     seed: int = Field(0, ge=0)
+    match_every: int = Field(50, ge=1, description="a matched-loss variant checks its val loss this often")
 
     @model_validator(mode="after")
     def _anneal(self) -> TrainSection:
@@ -74,8 +76,8 @@ class TrainSection(Section):
                              f"anneal_end ({self.anneal_end})")
         return self
 
-    def spec(self, l0_target: float) -> TrainSpec:
-        return TrainSpec(l0_target=l0_target, **self.model_dump())
+    def spec(self, l0_target: float, stop_at_loss: float | None = None) -> TrainSpec:
+        return TrainSpec(l0_target=l0_target, stop_at_loss=stop_at_loss, **self.model_dump())
 
 
 class Variant(Section):
@@ -83,14 +85,16 @@ class Variant(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     l0_target: float = Field(gt=0, le=1, description="fraction of each weight matrix kept (1.0: dense)")
+    match_loss_of: str | None = Field(None, description="train after this variant and stop at its final "
+                                                        "val loss (the paper compares at matched loss)")
 
 
 class PruneSection(Section):
-    steps: int = Field(600, ge=1)
-    batch_pairs: int = Field(32, ge=1)
-    train_pairs: int = Field(256, ge=2)
-    val_pairs: int = Field(128, ge=2)
-    test_pairs: int = Field(128, ge=2)
+    steps: int = Field(300, ge=1)
+    batch_pairs: int = Field(64, ge=1)
+    train_pairs: int = Field(1024, ge=2)
+    val_pairs: int = Field(256, ge=2)
+    test_pairs: int = Field(256, ge=2)
     lr: float = Field(3e-3, gt=0)
     k_coef: float = Field(1e-4, ge=0)
     init_noise_scale: float = Field(1e-2, ge=0)
@@ -105,16 +109,18 @@ class PruneSection(Section):
     necessity_threshold: float = Field(0.5, gt=0)
     mean_windows: int = Field(512, ge=1, description="corpus windows the ablation means are taken over")
     seed: int = Field(0, ge=0)
-    controller: bool = Field(False, description="steer k_coef toward controller_level x target_loss")
+    controller: bool = Field(True, description="steer k_coef toward controller_level x target_loss")
     controller_level: float = Field(0.5, gt=0, le=1)
     k_coef_min: float = Field(1e-6, ge=0)
     k_coef_max: float = Field(1e-2, gt=0)
     controller_rate: float = Field(0.02, gt=0, le=1)
-    calibrated: bool = Field(False, description="bisect over the learned mask's nodes on calibrated loss")
+    calibrated: bool = Field(True, description="bisect over the learned mask's nodes on calibrated loss")
     max_scale: float = Field(4.0, gt=0, description="cap of the calibration's logit scale")
-    cleanup: bool = Field(False, description="greedy removal confirmed on held-out pairs (needs calibrated)")
+    selection_margin: float = Field(0.8, gt=0, le=1, description="calibrated selection aims at this x "
+                                                                 "target_loss on validation pairs")
+    cleanup: bool = Field(True, description="greedy removal confirmed on held-out pairs (needs calibrated)")
     tied_qk: bool = Field(False, description="one mask value for q channel i and k channel i of a layer")
-    distractors: bool = Field(True, description="closed strings / lists may precede a quote or bracket "
+    distractors: bool = Field(False, description="closed strings / lists may precede a quote or bracket "
                                                 "decision (the harder variant); false: none do")
 
     def spec(self, **override) -> PruneSpec:
@@ -123,21 +129,20 @@ class PruneSection(Section):
 
 
 def _default_space() -> dict[str, Range]:
-    return {"k_coef": Range(low=1e-5, high=1e-3), "lr": Range(low=1e-3, high=3e-2),
-            "init_noise_scale": Range(low=1e-3, high=1e-1), "init_noise_bias": Range(low=1e-2, high=0.5),
-            "weight_decay": Range(low=1e-4, high=1e-2), "temperature": Range(low=0.3, high=3.0),
-            "warmup": Range(low=0.01, high=0.2)}
+    """The controller's level, the lr and the seed (the paper's CARBS searched these among others)."""
+    return {"controller_level": Range(low=0.2, high=0.9, log=False), "lr": Range(low=1e-3, high=3e-2),
+            "seed": Range(low=0, high=15, log=False, integer=True)}
 
 
 SEARCHABLE = ("k_coef", "lr", "init_noise_scale", "init_noise_bias", "weight_decay", "temperature", "warmup",
-              "controller_level")
+              "controller_level", "seed")
 
 
 class SearchSection(Section):
     """Ray Tune in CARBS's place: per (model, task), the pruning hyperparameters minimising the
     circuit size among trials that reach the target loss (the first trial is the paper's centres)."""
 
-    num_samples: int = Field(4, ge=1)
+    num_samples: int = Field(2, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     search: str = Field("optuna", pattern="^(optuna|random)$")
     space: dict[str, Range] = Field(default_factory=_default_space)
@@ -154,6 +159,25 @@ class SearchSection(Section):
         return self
 
 
+class BridgesSection(Section):
+    """Encoders / decoders between the dense model's and the sparse model's residual streams, one
+    pair per sublayer, trained after both models (both frozen) on corpus windows."""
+
+    enabled: bool = True
+    dense: str = Field("dense", description="the variant bridged from")
+    sparse: str = Field("sparse", description="the variant bridged to")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    nmse_coef: float = Field(1.0, ge=0)
+    kl_coef: float = Field(1.0, ge=0)
+    topk_fraction: float | None = Field(0.25, gt=0, le=1, description="the encoder's AbsTopK; null: off")
+    seed: int = Field(0, ge=0)
+
+    def spec(self) -> BridgeSpec:
+        return BridgeSpec(**self.model_dump(exclude={"enabled", "dense", "sparse"}))
+
+
 class ReportSection(Section):
     snippets_per_node: int = Field(5, ge=0)
     snippet_tokens: int = Field(16, ge=2)
@@ -164,13 +188,13 @@ class CircuitsConfig(Section):
     corpus: CorpusSection = Field(default_factory=CorpusSection)
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainSection = Field(default_factory=TrainSection)
-    variants: list[Variant] = Field(default_factory=lambda: [Variant(name="sparse", l0_target=1 / 16),
-                                                             Variant(name="dense", l0_target=1.0)],
-                                    min_length=1)
-    tasks: list[str] = Field(default_factory=lambda: ["single_double_quote", "bracket_counting"],
-                             min_length=1)
+    variants: list[Variant] = Field(default_factory=lambda: [
+        Variant(name="sparse", l0_target=1 / 64),
+        Variant(name="dense", l0_target=1.0, match_loss_of="sparse")], min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS), min_length=1)
     prune: PruneSection = Field(default_factory=PruneSection)
     search: SearchSection = Field(default_factory=SearchSection)
+    bridges: BridgesSection = Field(default_factory=BridgesSection)
     report: ReportSection = Field(default_factory=ReportSection)
     train_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1, threads=1),
                                        description="each variant trains as one Ray task with these")
@@ -189,6 +213,18 @@ class CircuitsConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dup)}")
+        by_name = {v.name: v for v in self.variants}
+        b = self.bridges
+        if b.enabled and {b.dense, b.sparse} <= set(by_name) and b.dense == b.sparse:
+            raise ValueError(f"bridges.dense and bridges.sparse are both {b.dense!r}; name two variants")
+        for v in self.variants:
+            ref = by_name.get(v.match_loss_of) if v.match_loss_of else v
+            if ref is None or ref is v and v.match_loss_of:
+                raise ValueError(f"variant {v.name!r}: match_loss_of must name another variant "
+                                 f"({', '.join(n for n in names if n != v.name)})")
+            if ref is not v and ref.match_loss_of:
+                raise ValueError(f"variant {v.name!r}: matches {ref.name!r}, which itself matches "
+                                 f"{ref.match_loss_of!r}; match a variant trained on its own")
         return self
 
     def variant(self, name: str) -> Variant:

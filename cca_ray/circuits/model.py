@@ -108,12 +108,19 @@ class Block(nn.Module):
             probs = scores.softmax(-1)
         return (probs @ v).transpose(1, 2).reshape(b, t, nh * dh)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attn_sublayer(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after this block's attention."""
         a = self._act("attn_in", self.ln_attn(x))
-        x = x + self._act("attn_out", self.o(self.attention(a)))
+        return x + self._act("attn_out", self.o(self.attention(a)))
+
+    def mlp_sublayer(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after this block's MLP."""
         m = self._act("mlp_in", self.ln_mlp(x))
         m = self._act("mlp", F.gelu(self.mlp_in(m)))
         return x + self._act("mlp_out", self.mlp_out(m))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_sublayer(self.attn_sublayer(x))
 
 
 class SparseGPT(nn.Module):
@@ -154,15 +161,29 @@ class SparseGPT(nn.Module):
         if t > self.spec.n_ctx:
             raise ValueError(f"sequence of {t} tokens is longer than the model's context "
                              f"({self.spec.n_ctx}); raise model.n_ctx or shorten the input")
-        x = self.embed(tokens)
-        if self.pos is not None:
-            x = x + self.pos(torch.arange(t, device=tokens.device))
+        x = self.embedded(tokens)
         for block in self.blocks:
             x = block(x)
+        return self.logits(x, tokens)
+
+    def embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream before the first block."""
+        x = self.embed(tokens)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        return x
+
+    def logits(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from the final residual stream (+ the bigram table of the input tokens)."""
         logits = self.unembed(self.ln_f(x))
         if self.bigram is not None:
             logits = logits + self.bigram[tokens]
         return logits
+
+    def sublayers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Every sublayer in forward order (attention, MLP, attention, ...): site s of a bridge is
+        the residual stream after sublayer s."""
+        return [f for b in self.blocks for f in (b.attn_sublayer, b.mlp_sublayer)]
 
     def sparse_matrices(self) -> dict[str, nn.Parameter]:
         """The weight matrices that weight-sparse training sparsifies (not gains, sinks, bigram)."""

@@ -55,8 +55,9 @@ class PruneSpec:
     k_coef_min: float = 1e-6
     k_coef_max: float = 1e-2
     controller_rate: float = 0.02
-    calibrated: bool = False
+    calibrated: bool = False  # also: the mask trains on calibrated loss (a learned scale <= max_scale, shift)
     max_scale: float = 4.0
+    selection_margin: float = 1.0  # calibrated selection aims at margin x target_loss on validation pairs
     cleanup: bool = False
     tied_qk: bool = False  # one tau for q channel i and k channel i of a layer (kept or dropped together)
 
@@ -169,7 +170,8 @@ def _lr_factor(step: int, s: PruneSpec) -> float:
 
 def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBatch, s: PruneSpec,
                 progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Learn tau per node: AdamW on task loss + k_coef x (kept nodes), tau clamped to [-1, 1]."""
+    """Learn tau per node: AdamW on task loss + k_coef x (kept nodes), tau clamped to [-1, 1]; with
+    s.calibrated the task loss is taken after a learned logit scale (<= s.max_scale) and shift."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(s.seed)
@@ -185,6 +187,10 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
                 taus[n] = taus[f"{layer}.q"]  # the same Parameter: one gate for both
     unique = list({id(t): t for t in taus.values()}.values())
     opt = torch.optim.AdamW(unique, lr=s.lr, betas=(0.9, 1.0 - s.inv_beta2), weight_decay=s.weight_decay)
+    # calibrated: the task loss the mask trains on is the one its selection judges, after a logit scale
+    # (capped) and shift learned alongside the taus, so the mask is not paid to keep nodes for confidence
+    calib = torch.nn.Parameter(torch.tensor([0.0, 0.0])) if s.calibrated else None  # log scale, shift
+    calib_opt = torch.optim.Adam([calib], lr=0.02) if calib is not None else None
     pairs = len(batch) // 2
     history = []
     controller = (KCoefController(s.k_coef, s.controller_level * s.target_loss, s.k_coef_min, s.k_coef_max,
@@ -199,19 +205,30 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
             gates = {n: heaviside(t, s.temperature) for n, t in taus.items()}
             model.node_fn = MeanAblation(means, gates)
             logits = last_logits(model, batch, rows)
-            loss_task = task_loss(logits, _rows(batch, rows))
+            if calib is None:
+                loss_task = task_loss(logits, _rows(batch, rows))
+            else:
+                scale = calib[0].exp().clamp(max=s.max_scale)
+                loss_task = task_loss(logits, _rows(batch, rows), scale, calib[1])
             kept = sum(g.sum() for g in gates.values())
             loss = loss_task + k_coef * kept
             opt.zero_grad(set_to_none=True)
+            if calib_opt is not None:
+                calib_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unique, s.grad_clip)
             opt.step()
+            if calib_opt is not None:
+                calib_opt.step()
             with torch.no_grad():
                 for t in unique:
                     t.clamp_(-1.0, 1.0)
             if step % 50 == 0 or step == s.steps - 1:
                 history.append({"step": step, "task_loss": float(loss_task.detach()),
                                 "kept": int(kept.detach()), "k_coef": k_coef})
+                if calib is not None:
+                    history[-1]["scale"] = float(calib[0].detach().exp().clamp(max=s.max_scale))
+                    history[-1]["shift"] = float(calib[1].detach())
             if controller is not None:
                 k_coef = controller.update(float(loss_task.detach()))
     finally:
@@ -317,7 +334,8 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
         _, scale, shift = calibrated(nodes)
         return _judged(model, means, keep_of(nodes, locations), test, s, scale, shift, taus)
 
-    k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, s.target_loss)
+    goal = s.selection_margin * s.target_loss  # stricter on validation, so the circuit holds on test
+    k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, goal)
     result = {"total_nodes": sum(locations.values()), "full_model_loss": loss_from_logit(full_d, test),
               "learned_kept": n_kept, "history": history, "hyperparameters": s.to_dict(),
               "bisection_evaluations": len(cache), "selection": "calibrated"}
@@ -333,7 +351,7 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
             j = judged(c)
             return j["sufficient"] and j["necessary"]
 
-        nodes, cleanup = confirmed_cleanup(nodes, lambda c: calibrated(c)[0] <= s.target_loss, passes_test)
+        nodes, cleanup = confirmed_cleanup(nodes, lambda c: calibrated(c)[0] <= goal, passes_test)
     return {**result, "reached": True, "n_nodes": len(nodes), "bisection_nodes": k, "cleanup": cleanup,
             "val_loss_calibrated": calibrated(nodes)[0], **judged(nodes),
             "seconds": time.perf_counter() - start}

@@ -90,6 +90,11 @@ def summarize(a: Artifacts) -> dict:
         ratios = summary["dense_over_sparse"].values()
         summary["dense_over_sparse_geomean"] = {k: geometric_mean([r[k] for r in ratios])
                                                 for k in ("nodes", "edges")}
+    bridges = a.store.meta("bridges", a.bridges_key()) if c.bridges.enabled else None
+    if bridges is not None:
+        stored = json.loads((a.store.path("bridges", a.bridges_key()) / "bridges.json").read_text())
+        summary["bridges"] = {"dense": stored["dense"], "sparse": stored["sparse"], "final": stored["final"],
+                              "task_loss": stored["task_loss"]}
     write_json(summary, out / "circuits.json")
     write_text(report_markdown(c, summary), out / "report.md")
     return summary
@@ -120,4 +125,14 @@ def report_markdown(c: CircuitsConfig, summary: dict) -> str:
             lines.append(f"| {task} | {fmt(r['nodes'], '.2f')} | {fmt(r['edges'], '.2f')} |")
         g = summary.get("dense_over_sparse_geomean", {})
         lines.append(f"| geometric mean | {fmt(g.get('nodes'), '.2f')} | {fmt(g.get('edges'), '.2f')} |")
+    if summary.get("bridges"):
+        b = summary["bridges"]
+        lines += ["", f"Bridges {b['dense']} <-> {b['sparse']}: task loss on held-out pairs when the forward "
+                  f"pass crosses at one sublayer (worst site shown; per site in circuits.json)", "",
+                  f"| task | {b['dense']} | {b['sparse']} | {b['dense']} -> encode -> {b['sparse']} | "
+                  f"{b['sparse']} -> decode -> {b['dense']} |", "|---|---|---|---|---|"]
+        for task, r in b["task_loss"].items():
+            worst = {k: max(range(len(r[k])), key=r[k].__getitem__) for k in ("encoded", "decoded")}
+            crossed = [f"{fmt(r[k][worst[k]])} (site {worst[k]})" for k in ("encoded", "decoded")]
+            lines.append(f"| {task} | {fmt(r['dense'])} | {fmt(r['sparse'])} | {' | '.join(crossed)} |")
     return "\n".join(lines) + "\n"

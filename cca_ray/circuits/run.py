@@ -1,7 +1,7 @@
 """The circuits loop end to end, every step a keyed stage under OUT/stages (so a rerun or a killed
 job resumes, and a changed setting recomputes exactly what depends on it): corpus + tokenizer ->
 sparse and dense models -> ablation means -> pruning (with or without the Tune search) per
-(model, task) -> circuit JSON, picture, snippets -> circuits.json.
+(model, task) -> circuit JSON, picture, snippets -> bridges between the two models -> circuits.json.
 
 OUT/
   config.yaml                 the config of the run (a later run with other data/model/train refuses)
@@ -12,6 +12,8 @@ OUT/
                                 when searched
                               circuit-<variant>-<task>-<key>/  circuit.json, circuit.png, snippets.md
                                 keyed by the pruning result and the report section
+                              bridges-<key>/   bridges.safetensors, bridges.json (training history,
+                                task loss of every bridged forward pass on held-out pairs)
   circuits/<variant>/<task>/  the latest circuit of each (model, task), copied from its two stages
                               (+ stages.json naming them, which `report --redraw` starts from)
   circuits.json, report.md    every (model, task): nodes, edges, task_loss, sufficient, necessary; ratios
@@ -63,7 +65,8 @@ def train_all(a: Artifacts, names: list[str], progress: bool = True) -> None:
     import ray
 
     a.data()  # once, before any worker needs it
-    todo = [n for n in names if not a.trained(n)]
+    # matched-loss variants wait for their reference, so only the others train side by side
+    todo = [n for n in names if not a.trained(n) and not a.c.variant(n).match_loss_of]
     if len(todo) > 1 and ray.is_initialized():
         from cca_ray.ray_base import actor_options
 
@@ -173,6 +176,7 @@ def run_all(a: Artifacts, search: bool = True, progress: bool = True) -> dict:
     for v in a.c.variants:
         for task in a.c.tasks:
             prune_circuit(a, v.name, task, search, progress)
+    a.bridges(progress)
     summary = summarize(a)
     summary["seconds"] = time.perf_counter() - start
     return summary

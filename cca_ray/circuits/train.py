@@ -47,6 +47,8 @@ class TrainSpec:
     eval_batches: int = 8
     checkpoint_every: int = 500
     seed: int = 0
+    stop_at_loss: float | None = None  # matched loss: stop once the val loss is at or below this
+    match_every: int = 50               # ... checked this often (steps)
 
 
 def l0_fraction(step: int, s: TrainSpec) -> float:
@@ -210,7 +212,8 @@ def train(spec: ModelSpec, s: TrainSpec, train_tokens: torch.Tensor, val_tokens:
     A finished run (out/model.json with `done`) is loaded, not retrained. `on_step(step, model)`
     runs after each step's sparsification (tests watch the invariant through it). `checkpoint`
     (default out/checkpoint) is where the run resumes from: outside `out` when `out` is a stage's
-    temporary folder, which a restarted stage starts afresh.
+    temporary folder, which a restarted stage starts afresh. With `s.stop_at_loss` the run stops at
+    the first check (every `match_every` steps) whose val loss is at or below it (matched loss).
     """
     from tqdm.auto import tqdm
 
@@ -249,16 +252,21 @@ def train(spec: ModelSpec, s: TrainSpec, train_tokens: torch.Tensor, val_tokens:
         bar.update(1)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}", l0=f"{frac:.3g}", lr=f"{lr:.2g}")
-        if step % s.eval_every == 0 or step == s.steps:
+        matching = s.stop_at_loss is not None and step % s.match_every == 0
+        if step % s.eval_every == 0 or step == s.steps or matching:
             history.append({"step": step, "train_loss": float(loss),
                             "val_loss": eval_loss(model, val_tokens, s), "l0": frac, "lr": lr,
                             "seconds": time.perf_counter() - start})
+            if matching and history[-1]["val_loss"] <= s.stop_at_loss:
+                log.info("%s: val loss %.4f reached the matched loss %.4f at step %d; stopping", out,
+                         history[-1]["val_loss"], s.stop_at_loss, step)
+                break
         if step % s.checkpoint_every == 0 and step < s.steps:
             _save_checkpoint(model, opt, step, history, ckpt, gen)
     bar.close()
     final = history[-1] if history else {}
     save_model(model, out, {"done": True, "train": s.__dict__, "history": history,
-                            "val_loss": final.get("val_loss"),
+                            "val_loss": final.get("val_loss"), "steps_trained": step,
                             "nonzero_fraction": nonzero_fraction(model),
                             "nonzero_fraction_with_embeddings": nonzero_fraction(model, embeddings=True)})
     return model
