@@ -159,12 +159,16 @@ class Artifacts:
         path, _ = self.store.run(f"means-{variant}", self.means_key(variant), compute)
         return model, load_file(str(path / "means.safetensors"))
 
+    def bridged(self) -> bool:
+        """Whether this config has bridges: enabled, and both of their variants in it."""
+        b = self.c.bridges
+        return b.enabled and {b.dense, b.sparse} <= {v.name for v in self.c.variants}
+
     def bridges(self, progress: bool = True) -> dict | None:
         """Train (or reuse) the bridges between the config's dense and sparse variants and check them
         on every task's held-out pairs; None when disabled or either variant is not in the config."""
         b = self.c.bridges
-        names = {v.name for v in self.c.variants}
-        if not b.enabled or not {b.dense, b.sparse} <= names:
+        if not self.bridged():
             return None
 
         def compute(tmp: Path) -> dict:

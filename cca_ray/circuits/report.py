@@ -90,7 +90,7 @@ def summarize(a: Artifacts) -> dict:
         ratios = summary["dense_over_sparse"].values()
         summary["dense_over_sparse_geomean"] = {k: geometric_mean([r[k] for r in ratios])
                                                 for k in ("nodes", "edges")}
-    bridges = a.store.meta("bridges", a.bridges_key()) if c.bridges.enabled else None
+    bridges = a.store.meta("bridges", a.bridges_key()) if a.bridged() else None
     if bridges is not None:
         stored = json.loads((a.store.path("bridges", a.bridges_key()) / "bridges.json").read_text())
         summary["bridges"] = {"dense": stored["dense"], "sparse": stored["sparse"], "final": stored["final"],
