@@ -186,8 +186,14 @@ class Artifacts:
                         "final": history[-1] if history else None, "task_loss": tasks}, tmp / "bridges.json")
             return {"dense": b.dense, "sparse": b.sparse}
 
-        path, _ = self.store.run("bridges", self.bridges_key(), compute)
-        return json.loads((path / "bridges.json").read_text())
+        self.store.run("bridges", self.bridges_key(), compute)
+        return self.stored_bridges()
+
+    def stored_bridges(self) -> dict | None:
+        """The finished bridges stage's bridges.json (history, per-task check), or None."""
+        if not self.bridged() or self.store.meta("bridges", self.bridges_key()) is None:
+            return None
+        return json.loads((self.store.path("bridges", self.bridges_key()) / "bridges.json").read_text())
 
     # ---- pruning (no stage of its own: a Tune trial runs one of many) ---------------------------
     def task_sets(self, tok, task: str, n_ctx: int):

@@ -217,12 +217,12 @@ class CircuitsConfig(Section):
         b = self.bridges
         if b.enabled and {b.dense, b.sparse} <= set(by_name) and b.dense == b.sparse:
             raise ValueError(f"bridges.dense and bridges.sparse are both {b.dense!r}; name two variants")
-        for v in self.variants:
-            ref = by_name.get(v.match_loss_of) if v.match_loss_of else v
-            if ref is None or ref is v and v.match_loss_of:
+        for v in (v for v in self.variants if v.match_loss_of):
+            ref = by_name.get(v.match_loss_of)
+            if ref is None or ref is v:
                 raise ValueError(f"variant {v.name!r}: match_loss_of must name another variant "
                                  f"({', '.join(n for n in names if n != v.name)})")
-            if ref is not v and ref.match_loss_of:
+            if ref.match_loss_of:
                 raise ValueError(f"variant {v.name!r}: matches {ref.name!r}, which itself matches "
                                  f"{ref.match_loss_of!r}; match a variant trained on its own")
         return self

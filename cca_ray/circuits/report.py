@@ -90,9 +90,8 @@ def summarize(a: Artifacts) -> dict:
         ratios = summary["dense_over_sparse"].values()
         summary["dense_over_sparse_geomean"] = {k: geometric_mean([r[k] for r in ratios])
                                                 for k in ("nodes", "edges")}
-    bridges = a.store.meta("bridges", a.bridges_key()) if a.bridged() else None
-    if bridges is not None:
-        stored = json.loads((a.store.path("bridges", a.bridges_key()) / "bridges.json").read_text())
+    stored = a.stored_bridges()
+    if stored is not None:
         summary["bridges"] = {"dense": stored["dense"], "sparse": stored["sparse"], "final": stored["final"],
                               "task_loss": stored["task_loss"]}
     write_json(summary, out / "circuits.json")
