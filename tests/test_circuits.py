@@ -183,13 +183,14 @@ class _Toy(nn.Module):
     def node_locations(self) -> dict[str, int]:
         return {"L0.mlp": len(self.w)}
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         sign = (tokens == 1).float() * 2 - 1
         x = sign[..., None].expand(*tokens.shape, len(self.w))
         if self.node_fn is not None:
             x = self.node_fn("L0.mlp", x)
         d = (x * self.w).sum(-1)
-        return torch.stack([torch.zeros_like(d), d / 2, -d / 2], -1)  # vocab: pad, A, B
+        logits = torch.stack([torch.zeros_like(d), d / 2, -d / 2], -1)  # vocab: pad, A, B
+        return logits if positions is None else logits[torch.arange(len(positions)), positions]
 
 
 def _toy_batch(pairs: int) -> TaskBatch:

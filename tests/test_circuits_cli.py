@@ -4,6 +4,7 @@ and with the Ray Tune search (a real local Ray), circuit JSON / picture / snippe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -188,32 +189,42 @@ def test_a_changed_prune_setting_recomputes_the_circuits_and_not_the_models(tmp_
     assert again.store.computed == ["circuit-sparse-single_double_quote"]
 
 
-def test_a_killed_training_resumes_from_its_checkpoint(tmp_path, caplog):
-    import logging
-
-    import torch
-
+def _killed_training(config: dict, out: str, ckpt: str) -> None:
+    """Train the sparse variant of `config` and die at step 45 (in a pinned child, as a.train runs)."""
     from cca_ray.circuits.artifacts import Artifacts
     from cca_ray.circuits.config import CircuitsConfig
-    from cca_ray.circuits.train import load_model, train
+    from cca_ray.circuits.train import train
 
-    c = CircuitsConfig.model_validate(ONE)
-    a = Artifacts(c, tmp_path / "killed")
-    tok, train_tokens, val_tokens = a.data()
-    ckpt = a.out / "checkpoints" / f"model-sparse-{a.model_key('sparse')}"
+    c = CircuitsConfig.model_validate(config)
+    tok, train_tokens, val_tokens = Artifacts(c, out).data()
 
     def crash(step, model):
         if step == 45:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):  # what a killed stage leaves: its checkpoint at step 30
-        train(c.model.spec(tok.get_vocab_size()), c.train.spec(0.25), train_tokens, val_tokens,
-              tmp_path / "partial", progress=False, on_step=crash, checkpoint=ckpt)
+    train(c.model.spec(tok.get_vocab_size()), c.train.spec(0.25), train_tokens, val_tokens,
+          Path(out) / "partial", progress=False, on_step=crash, checkpoint=ckpt)
+
+
+def test_a_killed_training_resumes_from_its_checkpoint(tmp_path):
+    import torch
+
+    from cca_ray.circuits.artifacts import Artifacts
+    from cca_ray.circuits.config import CircuitsConfig
+    from cca_ray.circuits.train import load_model
+    from cca_ray.tiny.determinism import run_deterministic
+
+    c = CircuitsConfig.model_validate(ONE)
+    a = Artifacts(c, tmp_path / "killed")
+    a.data()
+    ckpt = a.out / "checkpoints" / f"model-sparse-{a.model_key('sparse')}"
+    # what a killed stage leaves: its checkpoint at step 30
+    with pytest.raises(RuntimeError, match="KeyboardInterrupt"):
+        run_deterministic(_killed_training, ONE, str(a.out), str(ckpt), threads=c.train.threads)
     assert (ckpt / "optimizer.safetensors").is_file()
-    caplog.set_level(logging.INFO, logger="cca_ray")
     resumed = load_model(a.train("sparse", progress=False))
-    assert "resuming from step 30" in caplog.text
+    assert "resuming from step 30" in (a.out / "run.log").read_text()
     assert not ckpt.exists()  # spent once the model is published
     whole = load_model(Artifacts(c, tmp_path / "whole").train("sparse", progress=False))
     for (n, x), (_, y) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
-        torch.testing.assert_close(x, y, msg=n)
+        assert torch.equal(x, y), n  # pinned kernels and threads: bit for bit

@@ -107,14 +107,15 @@ class _ContextToy(nn.Module):
     def node_locations(self) -> dict[str, int]:
         return {"L0.mlp": 2}
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         sign = (tokens[:, 1:2] == 1).float() * 2 - 1
         active = torch.stack([tokens[:, 0] == 0, tokens[:, 0] == 3], -1).float()
         x = (sign * active)[:, None, :].expand(tokens.shape[0], tokens.shape[1], 2)
         if self.node_fn is not None:
             x = self.node_fn("L0.mlp", x)
         d = (x * torch.tensor([3.0, 3.0])).sum(-1)
-        return torch.stack([torch.zeros_like(d), d / 2, -d / 2], -1)
+        logits = torch.stack([torch.zeros_like(d), d / 2, -d / 2], -1)
+        return logits if positions is None else logits[torch.arange(len(positions)), positions]
 
 
 def _context_batch(context: int, pairs: int) -> TaskBatch:
@@ -195,3 +196,36 @@ def test_the_search_ranks_circuits_that_pass_the_held_out_checks_first():
     missed = {"reached": False, "n_nodes": None, "total_nodes": 1000, "task_loss": 0.4}
     assert objective(passing) == 50 < objective(failing) < objective(missed)
     assert objective({**failing, "sufficient": True, "necessary": False}) == objective(failing) == 1010
+
+
+def test_a_collapsed_mask_still_yields_the_circuit_from_its_tau_order():
+    """A constant k_coef of 5 drives every tau below 0 (the learned mask keeps nothing, as a late
+    penalty spike does): the selection bisects the whole tau order instead and, after cleanup, keeps
+    the one carrying node (the last one, so no tie order finds it by luck)."""
+    model = _Toy(torch.tensor([0.02] * 15 + [4.0]))
+    means = {"L0.mlp": torch.zeros(16)}
+    s = PruneSpec(steps=300, batch_pairs=8, lr=3e-2, k_coef=5.0, k_coef_max=5.0, target_loss=0.15,
+                  calibrated=True, cleanup=True)
+    result = prune(model, means, _toy_batch(16), _toy_batch(8), _toy_batch(8), s)
+    assert result["learned_kept"] == 0
+    assert result["reached"] and result["selection"] == "calibrated, whole order"
+    assert result["keep"] == {"L0.mlp": [15]} and result["sufficient"] and result["necessary"]
+
+
+def test_screening_removals_on_a_few_pairs_keeps_the_circuit_and_saves_evaluations():
+    """Two nodes of margin 0.3 are the circuit together (alone, calibrated loss 0.26 > 1.5 x the goal
+    of 0.12): removing the first fails clearly, and the screen refuses it without the whole validation
+    set. Removals that pass are still decided on all of it, so the circuit is the same."""
+    from cca_ray.circuits.prune import _prune_calibrated
+
+    model, means = _Toy(torch.tensor([0.3, 0.3, 0.01, 0.01])), {"L0.mlp": torch.zeros(4)}
+    taus = {"L0.mlp": torch.tensor([0.9, 0.8, 0.7, 0.6])}
+    val, test = _toy_batch(32), _toy_batch(8)
+    full_d = circuit_logit(model, means, None, test)
+    runs = {}
+    for pairs in (0, 4):
+        s = PruneSpec(target_loss=0.15, calibrated=True, cleanup=True, cleanup_screen_pairs=pairs)
+        runs[pairs] = _prune_calibrated(model, means, val, test, s, taus, node_order(taus), [], full_d, 0.0)
+    assert runs[0]["bisection_nodes"] == runs[4]["bisection_nodes"] == 2
+    assert runs[4]["keep"] == runs[0]["keep"] == {"L0.mlp": [0, 1]}
+    assert runs[4]["validation_evaluations"] == runs[0]["validation_evaluations"] - 1

@@ -9,6 +9,10 @@ sections it depends on, so a changed setting recomputes what it affects and noth
 trains, outside the stage's temporary folder, so a killed training resumes where it stopped.
 Everything a Tune trial needs (the model, its means, a task's pairs, one pruning) is here, so
 run.py and search.py share it instead of importing each other.
+
+Reproducible: training, the means, the bridges (train.threads) and every pruning (search.trial.threads)
+run in a freshly spawned process with pinned kernels and threads (cca_ray.tiny.determinism), so the
+same config gives the same models and circuits on another machine.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import load_file
 from cca_ray.circuits.config import CircuitsConfig
 from cca_ray.io import write_json, write_safetensors
 from cca_ray.stages import StageStore, stage_key
+from cca_ray.tiny.determinism import run_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +63,12 @@ class Artifacts:
 
     def prune_key(self, variant: str, task: str, searched: bool) -> str:
         """A circuit's pruning: the model, the whole prune section, the task, and the search section
-        when the hyperparameters are searched (its trial resources change speed, not results)."""
+        when the hyperparameters are searched (a trial's CPUs and GPUs change speed, not results; its
+        threads are keyed). Unsearched pruning runs with search.trial.threads too: keyed as well."""
         c = self.c
-        search = c.search.model_dump(exclude={"trial"}) if searched else None
-        return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search)
+        search = c.search.model_dump(exclude={"trial": {"num_cpus", "num_gpus"}}) if searched else None
+        return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search,
+                         c.search.trial.threads)
 
     def bridges_key(self) -> str:
         """The bridges: both models, the bridges section, and the held-out task pairs they are checked on."""
@@ -101,8 +108,6 @@ class Artifacts:
 
     def train(self, variant: str, progress: bool = True) -> Path:
         """Train one variant (or reuse it); returns its stage folder."""
-        from cca_ray.circuits.train import train
-
         name, key = f"model-{variant}", self.model_key(variant)
         ckpt = self.out / "checkpoints" / f"{name}-{key}"
 
@@ -113,9 +118,9 @@ class Artifacts:
             stop = self.model_meta(v.match_loss_of)["val_loss"]
 
         def compute(tmp: Path) -> dict:
-            tok, train_tokens, val_tokens = self.data()
-            train(self.c.model.spec(tok.get_vocab_size()), self.c.train.spec(v.l0_target, stop), train_tokens,
-                  val_tokens, tmp, progress, checkpoint=ckpt)
+            self.data()  # the corpus stage, before the child reads it
+            self._pinned(_train_child, self.c.model_dump(mode="json"), str(self.out), variant, stop, str(tmp),
+                         str(ckpt), progress)
             return {"variant": variant, "l0_target": v.l0_target, "stop_at_loss": stop}
 
         path, _ = self.store.run(name, key, compute)
@@ -144,16 +149,14 @@ class Artifacts:
 
     def load(self, variant: str):
         """(model, means) of a trained variant; the means over the corpus are computed once."""
-        from cca_ray.circuits.prune import node_means
         from cca_ray.circuits.train import load_model
 
         model = load_model(self.model_dir(variant))
         p = self.c.prune
 
         def compute(tmp: Path) -> dict:
-            _, train_tokens, _ = self.data()
-            write_safetensors(node_means(model, train_tokens, p.mean_windows, seed=p.seed),
-                              tmp / "means.safetensors")
+            self.data()
+            self._pinned(_means_child, self.c.model_dump(mode="json"), str(self.out), variant, str(tmp))
             return {"variant": variant, "windows": p.mean_windows}
 
         path, _ = self.store.run(f"means-{variant}", self.means_key(variant), compute)
@@ -172,18 +175,8 @@ class Artifacts:
             return None
 
         def compute(tmp: Path) -> dict:
-            from cca_ray.circuits.bridges import bridged_task_losses, train_bridges
-            from cca_ray.circuits.train import load_model
-
-            dense, sparse = (load_model(self.model_dir(n)) for n in (b.dense, b.sparse))
-            tok, train_tokens, _ = self.data()
-            bridges, history = train_bridges(dense, sparse, train_tokens, b.spec(), progress)
-            write_safetensors(bridges.state_dict(), tmp / "bridges.safetensors")
-            n_ctx = dense.spec.n_ctx
-            tasks = {t: bridged_task_losses(bridges, dense, sparse, self.task_sets(tok, t, n_ctx)[2])
-                     for t in self.c.tasks}
-            write_json({"dense": b.dense, "sparse": b.sparse, "spec": b.spec().to_dict(), "history": history,
-                        "final": history[-1] if history else None, "task_loss": tasks}, tmp / "bridges.json")
+            self.data()
+            self._pinned(_bridges_child, self.c.model_dump(mode="json"), str(self.out), str(tmp), progress)
             return {"dense": b.dense, "sparse": b.sparse}
 
         self.store.run("bridges", self.bridges_key(), compute)
@@ -205,14 +198,74 @@ class Artifacts:
                      for i, n in enumerate((p.train_pairs, p.val_pairs, p.test_pairs)))
 
     def prune_one(self, variant: str, task: str, params: dict | None = None, progress: bool = False) -> dict:
-        """Prune one (model, task) with the config's hyperparameters, `params` overriding some."""
+        """Prune one (model, task) with the config's hyperparameters, `params` overriding some (in a
+        pinned child process with search.trial.threads threads)."""
+        self.load(variant)  # the means stage, before the child reads it
+        return run_deterministic(_prune_child, self.c.model_dump(mode="json"), str(self.out), variant, task,
+                                 params or {}, progress, threads=self.c.search.trial.threads or 1)
+
+    def prune_here(self, variant: str, task: str, params: dict, progress: bool = False) -> dict:
+        """prune_one's work, in this process."""
         from cca_ray.circuits.prune import prune
 
         model, means = self.load(variant)
         tok, _, _ = self.data()
         train, val, test = self.task_sets(tok, task, model.spec.n_ctx)
-        result = prune(model, means, train, val, test, self.c.prune.spec(**(params or {})), progress)
+        result = prune(model, means, train, val, test, self.c.prune.spec(**params), progress)
         return {"variant": variant, "task": task, **result}
+
+    def _pinned(self, fn, *args):
+        """fn(*args) in a spawned process with deterministic kernels and train.threads threads."""
+        return run_deterministic(fn, *args, threads=self.c.train.threads)
+
+
+# ---- the pinned children's entries (module level: a spawned process imports them) -------------------
+def _child_artifacts(config: dict, out: str) -> Artifacts:
+    from cca_ray.logs import log_to
+
+    log_to(Path(out) / "run.log")
+    return Artifacts(CircuitsConfig.model_validate(config), out)
+
+
+def _train_child(config: dict, out: str, variant: str, stop: float | None, tmp: str, ckpt: str,
+                 progress: bool) -> None:
+    from cca_ray.circuits.train import train
+
+    a = _child_artifacts(config, out)
+    tok, train_tokens, val_tokens = a.data()
+    train(a.c.model.spec(tok.get_vocab_size()), a.c.train.spec(a.c.variant(variant).l0_target, stop),
+          train_tokens, val_tokens, Path(tmp), progress, checkpoint=ckpt)
+
+
+def _means_child(config: dict, out: str, variant: str, tmp: str) -> None:
+    from cca_ray.circuits.prune import node_means
+    from cca_ray.circuits.train import load_model
+
+    a = _child_artifacts(config, out)
+    _, train_tokens, _ = a.data()
+    p = a.c.prune
+    write_safetensors(node_means(load_model(a.model_dir(variant)), train_tokens, p.mean_windows, seed=p.seed),
+                      Path(tmp) / "means.safetensors")
+
+
+def _bridges_child(config: dict, out: str, tmp: str, progress: bool) -> None:
+    from cca_ray.circuits.bridges import bridged_task_losses, train_bridges
+    from cca_ray.circuits.train import load_model
+
+    a = _child_artifacts(config, out)
+    b = a.c.bridges
+    dense, sparse = (load_model(a.model_dir(n)) for n in (b.dense, b.sparse))
+    tok, train_tokens, _ = a.data()
+    bridges, history = train_bridges(dense, sparse, train_tokens, b.spec(), progress)
+    write_safetensors(bridges.state_dict(), Path(tmp) / "bridges.safetensors")
+    n_ctx = dense.spec.n_ctx
+    tasks = {t: bridged_task_losses(bridges, dense, sparse, a.task_sets(tok, t, n_ctx)[2]) for t in a.c.tasks}
+    write_json({"dense": b.dense, "sparse": b.sparse, "spec": b.spec().to_dict(), "history": history,
+                "final": history[-1] if history else None, "task_loss": tasks}, Path(tmp) / "bridges.json")
+
+
+def _prune_child(config: dict, out: str, variant: str, task: str, params: dict, progress: bool) -> dict:
+    return _child_artifacts(config, out).prune_here(variant, task, params, progress)
 
 
 def objective(result: dict) -> float:

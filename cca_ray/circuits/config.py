@@ -68,6 +68,8 @@ class TrainSection(Section):
     checkpoint_every: int = Field(500, ge=1)
     seed: int = Field(0, ge=0)
     match_every: int = Field(50, ge=1, description="a matched-loss variant checks its val loss this often")
+    threads: int = Field(2, ge=1, description="CPU threads of training, the means and the bridges, pinned "
+                                              "with deterministic kernels (results depend on it)")
 
     @model_validator(mode="after")
     def _anneal(self) -> TrainSection:
@@ -77,7 +79,8 @@ class TrainSection(Section):
         return self
 
     def spec(self, l0_target: float, stop_at_loss: float | None = None) -> TrainSpec:
-        return TrainSpec(l0_target=l0_target, stop_at_loss=stop_at_loss, **self.model_dump())
+        return TrainSpec(l0_target=l0_target, stop_at_loss=stop_at_loss,
+                         **self.model_dump(exclude={"threads"}))
 
 
 class Variant(Section):
@@ -119,6 +122,8 @@ class PruneSection(Section):
     selection_margin: float = Field(0.8, gt=0, le=1, description="calibrated selection aims at this x "
                                                                  "target_loss on validation pairs")
     cleanup: bool = Field(True, description="greedy removal confirmed on held-out pairs (needs calibrated)")
+    cleanup_screen_pairs: int = Field(64, ge=0, description="cleanup tries a removal on this many "
+                                      "validation pairs first; only a near pass is judged on all (0: off)")
     tied_qk: bool = Field(False, description="one mask value for q channel i and k channel i of a layer")
     distractors: bool = Field(False, description="closed strings / lists may precede a quote or bracket "
                                                 "decision (the harder variant); false: none do")
@@ -146,7 +151,8 @@ class SearchSection(Section):
     max_concurrent_trials: int = Field(2, ge=1)
     search: str = Field("optuna", pattern="^(optuna|random)$")
     space: dict[str, Range] = Field(default_factory=_default_space)
-    trial: Resources = Field(default_factory=lambda: Resources(num_cpus=1, threads=1))
+    trial: Resources = Field(default_factory=lambda: Resources(num_cpus=1, threads=1),
+                             description="each trial's Ray resources; threads (default 1) pins its results")
     seed: int = Field(0, ge=0)
     loggers: LoggersSection = Field(default_factory=LoggersSection)
 
@@ -197,7 +203,8 @@ class CircuitsConfig(Section):
     bridges: BridgesSection = Field(default_factory=BridgesSection)
     report: ReportSection = Field(default_factory=ReportSection)
     train_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1, threads=1),
-                                       description="each variant trains as one Ray task with these")
+                                       description="each variant trains as one Ray task with these "
+                                                   "(its training runs with train.threads)")
 
     @model_validator(mode="after")
     def _check(self) -> CircuitsConfig:

@@ -56,7 +56,7 @@ def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k entries of largest magnitude along the last dimension, zero the rest."""
     if k >= x.shape[-1]:
         return x
-    idx = x.abs().topk(k, dim=-1).indices
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices  # unsorted: the same set, ~1.6x faster on CPU
     return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
 
 
@@ -155,8 +155,9 @@ class SparseGPT(nn.Module):
         return {node_name(i, loc): self.spec.dim(loc)
                 for i in range(self.spec.n_layer) for loc in LOCATIONS}
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, time, vocab] for token ids [batch, time]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, time, vocab] for token ids [batch, time]; with `positions` [batch], only each
+        row's logits at its position, [batch, vocab] (the unembedding skipped everywhere else)."""
         t = tokens.shape[1]
         if t > self.spec.n_ctx:
             raise ValueError(f"sequence of {t} tokens is longer than the model's context "
@@ -164,7 +165,10 @@ class SparseGPT(nn.Module):
         x = self.embedded(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.logits(x, tokens)
+        if positions is None:
+            return self.logits(x, tokens)
+        rows = torch.arange(len(positions), device=tokens.device)
+        return self.logits(x[rows, positions][:, None], tokens[rows, positions][:, None])[:, 0]
 
     def embedded(self, tokens: torch.Tensor) -> torch.Tensor:
         """The residual stream before the first block."""

@@ -27,13 +27,10 @@ def search_space(c: CircuitsConfig) -> dict:
 
 def _trial(params: dict, *, config: dict, out: str, variant: str, task: str, trials: str) -> None:
     """One Tune trial: prune with these hyperparameters, store the result, report the objective."""
-    import torch
     from ray import tune
 
     log_to(Path(out) / "run.log")
     c = CircuitsConfig.model_validate(config)
-    if c.search.trial.threads:
-        torch.set_num_threads(c.search.trial.threads)
     result = Artifacts(c, out).prune_one(variant, task, params)
     trial_id = tune.get_context().get_trial_id()
     write_json({"trial_id": trial_id, "params": params, **result}, Path(trials) / f"{trial_id}.json")
