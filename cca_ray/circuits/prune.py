@@ -26,7 +26,7 @@ from cca_ray.circuits.tasks import TaskBatch, binary_logit, task_loss
 log = logging.getLogger(__name__)
 
 Keep = dict[str, torch.Tensor]  # node location -> bool [dim]: True = kept
-SCREEN = 1.5  # cleanup: a removal whose loss on the screening pairs exceeds this x the goal is refused
+SCREEN = 1.0  # cleanup: a removal whose loss on the screening pairs exceeds this x the goal is refused
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,9 @@ def _lr_factor(step: int, s: PruneSpec) -> float:
 def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBatch, s: PruneSpec,
                 progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Learn tau per node: AdamW on task loss + k_coef x (kept nodes), tau clamped to [-1, 1]; with
-    s.calibrated the task loss is taken after a learned logit scale (<= s.max_scale) and shift."""
+    s.calibrated the task loss is taken after a learned logit scale (<= s.max_scale) and shift. With
+    the controller, the taus returned are the smallest mask seen at a step whose smoothed task loss met
+    the controller's goal (the last history entry names that step), else the final ones."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(s.seed)
@@ -202,6 +204,7 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
     controller = (KCoefController(s.k_coef, s.controller_level * s.target_loss, s.k_coef_min, s.k_coef_max,
                                   s.controller_rate) if s.controller else None)
     k_coef = s.k_coef
+    best = None  # (kept, step, taus): the smallest mask whose smoothed task loss met the controller's goal
     try:
         for step in tqdm(range(s.steps), desc="prune", disable=not progress, mininterval=2.0):
             for g in opt.param_groups:
@@ -222,6 +225,12 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
             if calib_opt is not None:
                 calib_opt.zero_grad(set_to_none=True)
             loss.backward()
+            used = k_coef
+            if controller is not None:
+                k_coef = controller.update(float(loss_task.detach()))  # the next step's penalty
+                n = int(kept.detach())
+                if controller.ema <= controller.goal and (best is None or n <= best[0]):
+                    best = (n, step, {name: t.detach().clone() for name, t in taus.items()})
             torch.nn.utils.clip_grad_norm_(unique, s.grad_clip)
             opt.step()
             if calib_opt is not None:
@@ -231,15 +240,16 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
                     t.clamp_(-1.0, 1.0)
             if step % 50 == 0 or step == s.steps - 1:
                 history.append({"step": step, "task_loss": float(loss_task.detach()),
-                                "kept": int(kept.detach()), "k_coef": k_coef})
+                                "kept": int(kept.detach()), "k_coef": used})
                 if calib is not None:
                     history[-1]["scale"] = float(calib[0].detach().exp().clamp(max=s.max_scale))
                     history[-1]["shift"] = float(calib[1].detach())
-            if controller is not None:
-                k_coef = controller.update(float(loss_task.detach()))
     finally:
         model.node_fn = None
         model.requires_grad_(True)
+    if best is not None:  # the smallest mask at the controller's loss: a late penalty spike can't undo it
+        history[-1].update(returned_step=best[1], returned_kept=best[0])
+        return best[2], history
     return {n: t.detach() for n, t in taus.items()}, history
 
 
@@ -342,18 +352,14 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
 
     goal = s.selection_margin * s.target_loss  # stricter on validation, so the circuit holds on test
     total = sum(locations.values())
-    selection = "calibrated"
     k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, goal)
-    if k is None:  # the mask overshot (a late penalty spike): its tau order still ranks every node
-        log.info("the learned mask (%d nodes) misses the goal %.3g calibrated; bisecting the whole tau order",
-                 n_kept, goal)
-        k, selection = bisect_kept(lambda k: calibrated(order[:k])[0], total, goal), "calibrated, whole order"
     result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
               "learned_kept": n_kept, "history": history, "hyperparameters": s.to_dict(),
-              "bisection_evaluations": len(cache), "selection": selection}
+              "bisection_evaluations": len(cache), "selection": "calibrated"}
     if k is None:
-        loss = calibrated(order)[0]
-        log.info("even the whole model misses the goal %.3g calibrated (%.3g)", goal, loss)
+        loss = calibrated(order[:n_kept])[0] if n_kept else float("nan")
+        log.info("the learned mask (%d nodes) misses the goal %.3g even calibrated (%.3g)", n_kept, goal,
+                 loss)
         return {**result, "reached": False, "n_nodes": None, "keep": None, "task_loss": loss,
                 "seconds": time.perf_counter() - start}
     nodes, cleanup = order[:k], "off"
