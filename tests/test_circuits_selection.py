@@ -199,17 +199,21 @@ def test_the_search_ranks_circuits_that_pass_the_held_out_checks_first():
 
 
 def test_a_late_penalty_spike_does_not_cost_the_circuit():
-    """An aggressive controller (rate 0.5, cap 5) drives the penalty so high near the end that the final
-    mask drops the carrying node (task loss at chance); the mask returned is the smallest one seen
-    while the smoothed task loss met the controller's goal, which keeps it."""
+    """An aggressive controller (rate 0.3, cap 5) drives the penalty so high near the end that the final
+    mask drops the carrying node (task loss at chance). Training keeps the smallest second-half mask
+    whose loss met the controller's goal, and the selection falls back on it: the carrier, alone."""
     model = _Toy(torch.tensor([4.0] + [0.02] * 15))
     means = {"L0.mlp": torch.zeros(16)}
     s = PruneSpec(steps=300, batch_pairs=8, lr=3e-2, k_coef=1e-2, k_coef_max=5.0, target_loss=0.15,
-                  controller=True, controller_rate=0.5, controller_level=0.5)
-    taus, history = train_masks(model, means, _toy_batch(16), s)
+                  controller=True, controller_rate=0.3, controller_level=0.5, calibrated=True, cleanup=True)
+    fallback: dict = {}
+    taus, history = train_masks(model, means, _toy_batch(16), s, fallback=fallback)
     assert history[-1]["kept"] == 0 and history[-1]["task_loss"] > 0.6  # the final step: collapsed
-    assert history[-1]["returned_step"] < 299 and history[-1]["returned_kept"] == 1
-    assert bool(taus["L0.mlp"][0] > 0) and int((taus["L0.mlp"] > 0).sum()) == 1
+    assert int((taus["L0.mlp"] > 0).sum()) == 0
+    assert 150 <= fallback["step"] < 299 and fallback["kept"] == 1 and bool(fallback["taus"]["L0.mlp"][0] > 0)
+    result = prune(model, means, _toy_batch(16), _toy_batch(8), _toy_batch(8), s)
+    assert result["reached"] and result["selection"] == f"calibrated, the mask of step {fallback['step']}"
+    assert result["keep"] == {"L0.mlp": [0]} and result["sufficient"] and result["necessary"]
 
 
 def test_screening_removals_on_a_few_pairs_keeps_the_circuit_and_saves_evaluations():

@@ -99,7 +99,7 @@ class PruneSection(Section):
     val_pairs: int = Field(256, ge=2)
     test_pairs: int = Field(256, ge=2)
     lr: float = Field(3e-3, gt=0)
-    k_coef: float = Field(1e-3, ge=0, description="the node penalty (with the controller: its start)")
+    k_coef: float = Field(1e-4, ge=0, description="the node penalty (with the controller: its start)")
     init_noise_scale: float = Field(1e-2, ge=0)
     init_noise_bias: float = Field(1e-1)
     weight_decay: float = Field(1e-3, ge=0)
@@ -116,7 +116,7 @@ class PruneSection(Section):
     controller_level: float = Field(0.5, gt=0, le=1)
     k_coef_min: float = Field(1e-6, ge=0)
     k_coef_max: float = Field(3e-2, gt=0)
-    controller_rate: float = Field(0.02, gt=0, le=1)
+    controller_rate: float = Field(0.03, gt=0, le=1)
     calibrated: bool = Field(True, description="bisect over the learned mask's nodes on calibrated loss")
     max_scale: float = Field(4.0, gt=0, description="cap of the calibration's logit scale")
     selection_margin: float = Field(0.8, gt=0, le=1, description="calibrated selection aims at this x "
@@ -172,7 +172,7 @@ class BridgesSection(Section):
     enabled: bool = True
     dense: str = Field("dense", description="the variant bridged from")
     sparse: str = Field("sparse", description="the variant bridged to")
-    steps: int = Field(300, ge=1)
+    steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     nmse_coef: float = Field(1.0, ge=0)

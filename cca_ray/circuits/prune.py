@@ -175,11 +175,13 @@ def _lr_factor(step: int, s: PruneSpec) -> float:
 
 
 def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBatch, s: PruneSpec,
-                progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
+                progress: bool = False,
+                fallback: dict | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Learn tau per node: AdamW on task loss + k_coef x (kept nodes), tau clamped to [-1, 1]; with
     s.calibrated the task loss is taken after a learned logit scale (<= s.max_scale) and shift. With
-    the controller, the taus returned are the smallest mask seen at a step whose smoothed task loss met
-    the controller's goal (the last history entry names that step), else the final ones."""
+    the controller and a `fallback` dict, that dict receives (taus, step, kept) of the smallest mask of
+    the second half of training at a step whose task loss (and its moving average) met the controller's
+    goal: what the selection falls back on when a late penalty spike left the final mask short."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(s.seed)
@@ -204,7 +206,7 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
     controller = (KCoefController(s.k_coef, s.controller_level * s.target_loss, s.k_coef_min, s.k_coef_max,
                                   s.controller_rate) if s.controller else None)
     k_coef = s.k_coef
-    best = None  # (kept, step, taus): the smallest mask whose smoothed task loss met the controller's goal
+    best = None  # (kept, step, taus): the smallest mask of the second half whose loss met the goal
     try:
         for step in tqdm(range(s.steps), desc="prune", disable=not progress, mininterval=2.0):
             for g in opt.param_groups:
@@ -228,8 +230,8 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
             used = k_coef
             if controller is not None:
                 k_coef = controller.update(float(loss_task.detach()))  # the next step's penalty
-                n = int(kept.detach())
-                if controller.ema <= controller.goal and (best is None or n <= best[0]):
+                n, met = int(kept.detach()), max(controller.ema, float(loss_task.detach())) <= controller.goal
+                if met and 2 * step >= s.steps and (best is None or n <= best[0]):  # second half only
                     best = (n, step, {name: t.detach().clone() for name, t in taus.items()})
             torch.nn.utils.clip_grad_norm_(unique, s.grad_clip)
             opt.step()
@@ -247,9 +249,8 @@ def train_masks(model: SparseGPT, means: dict[str, torch.Tensor], batch: TaskBat
     finally:
         model.node_fn = None
         model.requires_grad_(True)
-    if best is not None:  # the smallest mask at the controller's loss: a late penalty spike can't undo it
-        history[-1].update(returned_step=best[1], returned_kept=best[0])
-        return best[2], history
+    if best is not None and fallback is not None:
+        fallback.update(taus=best[2], step=best[1], kept=best[0])
     return {n: t.detach() for n, t in taus.items()}, history
 
 
@@ -290,10 +291,11 @@ def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, va
     locations = model.node_locations()
     total = sum(locations.values())
     full_d = circuit_logit(model, means, None, test)
-    taus, history = train_masks(model, means, train, s, progress)
+    fallback: dict = {}
+    taus, history = train_masks(model, means, train, s, progress, fallback)
     order = node_order(taus)
     if s.calibrated:
-        return _prune_calibrated(model, means, val, test, s, taus, order, history, full_d, start)
+        return _prune_calibrated(model, means, val, test, s, taus, order, history, full_d, start, fallback)
     cache: dict[int, float] = {}
 
     def loss_of_k(k: int) -> float:
@@ -331,7 +333,8 @@ def _judged(model: SparseGPT, means: dict[str, torch.Tensor], keep: Keep, test: 
 
 def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: TaskBatch, test: TaskBatch,
                       s: PruneSpec, taus: dict[str, torch.Tensor], order: list[tuple[str, int]],
-                      history: list[dict], full_d: torch.Tensor, start: float) -> dict:
+                      history: list[dict], full_d: torch.Tensor, start: float,
+                      fallback: dict | None = None) -> dict:
     """Issue 18's selection: bisection over the nodes the learned mask kept, on calibrated validation
     loss (scale capped at s.max_scale), then (s.cleanup) greedy removal confirmed on held-out pairs;
     sufficiency and necessity judged on the held-out (test) pairs with validation's calibration."""
@@ -352,10 +355,17 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
 
     goal = s.selection_margin * s.target_loss  # stricter on validation, so the circuit holds on test
     total = sum(locations.values())
+    selection = "calibrated"
     k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, goal)
+    if k is None and fallback:  # the final mask fell short (a late penalty spike): the kept snapshot
+        log.info("the final mask (%d nodes) misses the goal %.3g; trying the %d-node mask of step %d",
+                 n_kept, goal, fallback["kept"], fallback["step"])
+        taus, selection = fallback["taus"], f"calibrated, the mask of step {fallback['step']}"
+        order, n_kept = node_order(taus), int(sum(int((t > 0).sum()) for t in taus.values()))
+        k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, goal)
     result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
               "learned_kept": n_kept, "history": history, "hyperparameters": s.to_dict(),
-              "bisection_evaluations": len(cache), "selection": "calibrated"}
+              "bisection_evaluations": len(cache), "selection": selection}
     if k is None:
         loss = calibrated(order[:n_kept])[0] if n_kept else float("nan")
         log.info("the learned mask (%d nodes) misses the goal %.3g even calibrated (%.3g)", n_kept, goal,
