@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from cca_ray.circuits.config import CircuitsConfig
 from cca_ray.io import write_json, write_safetensors
 from cca_ray.stages import StageStore, stage_key
-from cca_ray.tiny.determinism import run_deterministic
+from cca_ray.tiny.determinism import deterministic_env, run_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +106,22 @@ class Artifacts:
                  len(train_docs), len(train), len(val_docs), len(val), tok.get_vocab_size())
         return {"train_tokens": len(train), "val_tokens": len(val), "vocab_size": tok.get_vocab_size()}
 
-    def train(self, variant: str, progress: bool = True) -> Path:
-        """Train one variant (or reuse it); returns its stage folder."""
+    def train(self, variant: str, progress: bool = True, alone: bool = True) -> Path:
+        """Train one variant (or reuse it); returns its stage folder. ``alone``: nothing else computes
+        meanwhile, so its threads may spin while they wait (see _pinned)."""
         name, key = f"model-{variant}", self.model_key(variant)
         ckpt = self.out / "checkpoints" / f"{name}-{key}"
 
         v = self.c.variant(variant)
         stop = None
         if v.match_loss_of:  # the reference first: its final val loss is where this one stops
-            self.train(v.match_loss_of, progress)
+            self.train(v.match_loss_of, progress, alone)
             stop = self.model_meta(v.match_loss_of)["val_loss"]
 
         def compute(tmp: Path) -> dict:
             self.data()  # the corpus stage, before the child reads it
             self._pinned(_train_child, self.c.model_dump(mode="json"), str(self.out), variant, stop, str(tmp),
-                         str(ckpt), progress)
+                         str(ckpt), progress, spin=alone)
             return {"variant": variant, "l0_target": v.l0_target, "stop_at_loss": stop}
 
         path, _ = self.store.run(name, key, compute)
@@ -214,9 +215,13 @@ class Artifacts:
         result = prune(model, means, train, val, test, self.c.prune.spec(**params), progress)
         return {"variant": variant, "task": task, **result}
 
-    def _pinned(self, fn, *args):
-        """fn(*args) in a spawned process with deterministic kernels and train.threads threads."""
-        return run_deterministic(fn, *args, threads=self.c.train.threads)
+    def _pinned(self, fn, *args, spin: bool = True):
+        """fn(*args) in a spawned process with deterministic kernels and train.threads threads. With
+        ``spin`` its idle OpenMP threads spin instead of sleeping (no numerical effect; 1.4x faster
+        training here, measured), which is right only when no other job shares the cores: concurrent
+        Ray trainings pass spin=False."""
+        env = {**deterministic_env(self.c.train.threads), **({"OMP_WAIT_POLICY": "ACTIVE"} if spin else {})}
+        return run_deterministic(fn, *args, threads=self.c.train.threads, env=env)
 
 
 # ---- the pinned children's entries (module level: a spawned process imports them) -------------------

@@ -79,7 +79,7 @@ def train_all(a: Artifacts, names: list[str], progress: bool = True) -> None:
 
 def _train_task(config: dict, out: str, name: str) -> str:
     setup_logging(out)
-    return str(Artifacts(CircuitsConfig.model_validate(config), out).train(name, progress=True))
+    return str(Artifacts(CircuitsConfig.model_validate(config), out).train(name, progress=True, alone=False))
 
 
 def prune_circuit(a: Artifacts, variant: str, task: str, search: bool, progress: bool = True,
