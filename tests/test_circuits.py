@@ -133,6 +133,39 @@ def test_heaviside_forward_and_surrogate_gradient():
         torch.testing.assert_close(grad, sig * (1 - sig) / temp)
 
 
+def test_scored_logits_by_length_groups_equal_the_whole_forward_pass_and_its_gradient():
+    """last_logits runs rows in groups of similar length, each cut after its longest scored position,
+    and returns them in the rows' order: the same logits, and the same gradient for the gates, as one
+    forward pass over the full width (rows of mixed lengths, a row subset in shuffled order)."""
+    from cca_ray.circuits.prune import last_logits
+
+    torch.manual_seed(0)
+    model = SparseGPT(SPEC)
+    g = torch.Generator().manual_seed(1)
+    n = 24
+    tokens, last = torch.randint(1, 40, (n, 16), generator=g), torch.randint(2, 16, (n,), generator=g)
+    batch = TaskBatch(tokens=tokens, last=last,
+                      correct=torch.ones(n, dtype=torch.long), alternative=torch.full((n,), 2),
+                      label=torch.ones(n), token_a=1, token_b=2, name="mixed")
+    rows = torch.tensor([17, 3, 3, 22, 0, 9, 11])
+    for pick in (None, rows):
+        tokens, last = (batch.tokens, batch.last) if pick is None else (batch.tokens[pick], batch.last[pick])
+        grads = []
+        for run in ("whole", "grouped"):
+            gate = torch.ones(SPEC.d_mlp, requires_grad=True)
+            model.node_fn = lambda name, x, gate=gate: x * gate if name == "L0.mlp" else x
+            if run == "whole":
+                logits = model(tokens)[torch.arange(len(last)), last]
+                whole = logits.detach()
+            else:
+                logits = last_logits(model, batch, pick, buckets=4)
+                torch.testing.assert_close(logits.detach(), whole, rtol=1e-5, atol=1e-5)
+            (logits[:, 1] - logits[:, 2]).pow(2).sum().backward()
+            grads.append(gate.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    model.node_fn = None
+
+
 def test_mean_ablation_replaces_a_pruned_node_with_its_stored_mean():
     torch.manual_seed(0)
     model = SparseGPT(SPEC)

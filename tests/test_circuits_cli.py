@@ -189,6 +189,26 @@ def test_a_changed_prune_setting_recomputes_the_circuits_and_not_the_models(tmp_
     assert again.store.computed == ["circuit-sparse-single_double_quote"]
 
 
+def test_thread_counts_are_keyed_and_cpu_reservations_are_not(tmp_path):
+    """Thread counts change float summation order, so results: keyed. Ray's CPU reservation: not."""
+    from cca_ray.circuits.artifacts import Artifacts
+    from cca_ray.circuits.config import CircuitsConfig
+
+    def keys(raw: dict) -> tuple[str, str]:
+        a = Artifacts(CircuitsConfig.model_validate(raw), tmp_path)
+        return a.model_key("sparse"), a.prune_key("sparse", "single_double_quote", searched=True)
+
+    model, pruned = keys(ONE)
+    search = ONE.get("search", {})
+
+    def with_trial(**trial) -> dict:
+        return {**ONE, "search": {**search, "trial": {**search.get("trial", {}), **trial}}}
+
+    assert keys({**ONE, "train": {**ONE["train"], "threads": 1}})[0] != model
+    assert keys(with_trial(threads=2))[1] != pruned
+    assert keys(with_trial(num_cpus=2)) == (model, pruned)
+
+
 def _killed_training(config: dict, out: str, ckpt: str) -> None:
     """Train the sparse variant of `config` and die at step 45 (in a pinned child, as a.train runs)."""
     from cca_ray.circuits.artifacts import Artifacts

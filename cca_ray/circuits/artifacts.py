@@ -12,7 +12,8 @@ run.py and search.py share it instead of importing each other.
 
 Reproducible: training, the means, the bridges (train.threads) and every pruning (search.trial.threads)
 run in a freshly spawned process with pinned kernels and threads (cca_ray.tiny.determinism), so the
-same config gives the same models and circuits on another machine.
+same config gives the same models and circuits on machines of one kind (what determinism.py pins; an
+Intel and an AMD machine may still differ in MKL's matmuls).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 
 from cca_ray.circuits.config import CircuitsConfig
 from cca_ray.io import write_json, write_safetensors
+from cca_ray.logs import LOGGER
 from cca_ray.stages import StageStore, stage_key
 from cca_ray.tiny.determinism import deterministic_env, run_deterministic
 
@@ -66,9 +68,9 @@ class Artifacts:
         when the hyperparameters are searched (a trial's CPUs and GPUs change speed, not results; its
         threads are keyed). Unsearched pruning runs with search.trial.threads too: keyed as well."""
         c = self.c
-        search = c.search.model_dump(exclude={"trial": {"num_cpus", "num_gpus"}}) if searched else None
+        search = c.search.model_dump(exclude={"trial"}) if searched else None
         return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search,
-                         c.search.trial.threads)
+                         self.trial_threads)
 
     def bridges_key(self) -> str:
         """The bridges: both models, the bridges section, and the held-out task pairs they are checked on."""
@@ -120,8 +122,7 @@ class Artifacts:
 
         def compute(tmp: Path) -> dict:
             self.data()  # the corpus stage, before the child reads it
-            self._pinned(_train_child, self.c.model_dump(mode="json"), str(self.out), variant, stop, str(tmp),
-                         str(ckpt), progress, spin=alone)
+            self._pinned(_train_entry, variant, stop, str(tmp), str(ckpt), progress, spin=alone)
             return {"variant": variant, "l0_target": v.l0_target, "stop_at_loss": stop}
 
         path, _ = self.store.run(name, key, compute)
@@ -157,7 +158,7 @@ class Artifacts:
 
         def compute(tmp: Path) -> dict:
             self.data()
-            self._pinned(_means_child, self.c.model_dump(mode="json"), str(self.out), variant, str(tmp))
+            self._pinned(_means_entry, variant, str(tmp))
             return {"variant": variant, "windows": p.mean_windows}
 
         path, _ = self.store.run(f"means-{variant}", self.means_key(variant), compute)
@@ -177,7 +178,7 @@ class Artifacts:
 
         def compute(tmp: Path) -> dict:
             self.data()
-            self._pinned(_bridges_child, self.c.model_dump(mode="json"), str(self.out), str(tmp), progress)
+            self._pinned(_bridges_entry, str(tmp), progress)
             return {"dense": b.dense, "sparse": b.sparse}
 
         self.store.run("bridges", self.bridges_key(), compute)
@@ -201,9 +202,10 @@ class Artifacts:
     def prune_one(self, variant: str, task: str, params: dict | None = None, progress: bool = False) -> dict:
         """Prune one (model, task) with the config's hyperparameters, `params` overriding some (in a
         pinned child process with search.trial.threads threads)."""
-        self.load(variant)  # the means stage, before the child reads it
-        return run_deterministic(_prune_child, self.c.model_dump(mode="json"), str(self.out), variant, task,
-                                 params or {}, progress, threads=self.c.search.trial.threads or 1)
+        if self.store.meta(f"means-{variant}", self.means_key(variant)) is None:
+            self.load(variant)  # the means stage, before the child reads it
+        return self._pinned(Artifacts.prune_here, variant, task, params or {}, progress,
+                            threads=self.trial_threads)
 
     def prune_here(self, variant: str, task: str, params: dict, progress: bool = False) -> dict:
         """prune_one's work, in this process."""
@@ -215,49 +217,62 @@ class Artifacts:
         result = prune(model, means, train, val, test, self.c.prune.spec(**params), progress)
         return {"variant": variant, "task": task, **result}
 
-    def _pinned(self, fn, *args, spin: bool = True):
-        """fn(*args) in a spawned process with deterministic kernels and train.threads threads. With
-        ``spin`` its idle OpenMP threads spin instead of sleeping (no numerical effect; 1.4x faster
-        training here, measured), which is right only when no other job shares the cores: concurrent
-        Ray trainings pass spin=False."""
-        env = {**deterministic_env(self.c.train.threads), **({"OMP_WAIT_POLICY": "ACTIVE"} if spin else {})}
-        return run_deterministic(fn, *args, threads=self.c.train.threads, env=env)
+    @property
+    def trial_threads(self) -> int:
+        """The threads one pruning runs with (search.trial.threads; unset: 1)."""
+        return self.c.search.trial.threads or 1
+
+    def _pinned(self, entry, *args, threads: int | None = None, spin: bool = True):
+        """entry(self-like Artifacts, *args) in a spawned process with deterministic kernels and
+        `threads` (default train.threads) threads. With ``spin`` its idle OpenMP threads spin instead of
+        sleeping (no numerical effect; 1.4x faster training here, measured), which is right only when no
+        other job shares the cores: concurrent Ray trainings pass spin=False."""
+        threads = threads or self.c.train.threads
+        env = {**deterministic_env(threads), **({"OMP_WAIT_POLICY": "ACTIVE"} if spin else {})}
+        return run_deterministic(_child, entry, self.c.model_dump(mode="json"), str(self.out), _echo(), *args,
+                                 threads=threads, env=env)
 
 
 # ---- the pinned children's entries (module level: a spawned process imports them) -------------------
-def _child_artifacts(config: dict, out: str) -> Artifacts:
-    from cca_ray.logs import log_to
+def _child(entry, config: dict, out: str, echo: bool, *args):
+    """A pinned child's main: the parent's logging (OUT/run.log, and the console when the parent's log
+    goes there), then entry(Artifacts of the config, *args)."""
+    from cca_ray.logs import log_to, setup_logging
 
-    log_to(Path(out) / "run.log")
-    return Artifacts(CircuitsConfig.model_validate(config), out)
+    if echo:
+        setup_logging(out)
+    else:
+        log_to(Path(out) / "run.log")
+    return entry(Artifacts(CircuitsConfig.model_validate(config), out), *args)
 
 
-def _train_child(config: dict, out: str, variant: str, stop: float | None, tmp: str, ckpt: str,
-                 progress: bool) -> None:
+def _echo() -> bool:
+    """Whether this process's cca_ray log reaches the console."""
+    return any(type(h) is logging.StreamHandler for h in logging.getLogger(LOGGER).handlers)
+
+
+def _train_entry(a: Artifacts, variant: str, stop: float | None, tmp: str, ckpt: str, progress: bool) -> None:
     from cca_ray.circuits.train import train
 
-    a = _child_artifacts(config, out)
     tok, train_tokens, val_tokens = a.data()
     train(a.c.model.spec(tok.get_vocab_size()), a.c.train.spec(a.c.variant(variant).l0_target, stop),
           train_tokens, val_tokens, Path(tmp), progress, checkpoint=ckpt)
 
 
-def _means_child(config: dict, out: str, variant: str, tmp: str) -> None:
+def _means_entry(a: Artifacts, variant: str, tmp: str) -> None:
     from cca_ray.circuits.prune import node_means
     from cca_ray.circuits.train import load_model
 
-    a = _child_artifacts(config, out)
     _, train_tokens, _ = a.data()
     p = a.c.prune
     write_safetensors(node_means(load_model(a.model_dir(variant)), train_tokens, p.mean_windows, seed=p.seed),
                       Path(tmp) / "means.safetensors")
 
 
-def _bridges_child(config: dict, out: str, tmp: str, progress: bool) -> None:
+def _bridges_entry(a: Artifacts, tmp: str, progress: bool) -> None:
     from cca_ray.circuits.bridges import bridged_task_losses, train_bridges
     from cca_ray.circuits.train import load_model
 
-    a = _child_artifacts(config, out)
     b = a.c.bridges
     dense, sparse = (load_model(a.model_dir(n)) for n in (b.dense, b.sparse))
     tok, train_tokens, _ = a.data()
@@ -267,10 +282,6 @@ def _bridges_child(config: dict, out: str, tmp: str, progress: bool) -> None:
     tasks = {t: bridged_task_losses(bridges, dense, sparse, a.task_sets(tok, t, n_ctx)[2]) for t in a.c.tasks}
     write_json({"dense": b.dense, "sparse": b.sparse, "spec": b.spec().to_dict(), "history": history,
                 "final": history[-1] if history else None, "task_loss": tasks}, Path(tmp) / "bridges.json")
-
-
-def _prune_child(config: dict, out: str, variant: str, task: str, params: dict, progress: bool) -> dict:
-    return _child_artifacts(config, out).prune_here(variant, task, params, progress)
 
 
 def objective(result: dict) -> float:

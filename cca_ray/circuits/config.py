@@ -123,7 +123,8 @@ class PruneSection(Section):
                                                                  "target_loss on validation pairs")
     cleanup: bool = Field(True, description="greedy removal confirmed on held-out pairs (needs calibrated)")
     cleanup_screen_pairs: int = Field(64, ge=0, description="cleanup tries a removal on this many "
-                                      "validation pairs first; only a near pass is judged on all (0: off)")
+                                      "validation pairs first; only one passing there is judged on all "
+                                      "(0: off)")
     tied_qk: bool = Field(False, description="one mask value for q channel i and k channel i of a layer")
     distractors: bool = Field(False, description="closed strings / lists may precede a quote or bracket "
                                                 "decision (the harder variant); false: none do")

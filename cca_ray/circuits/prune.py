@@ -26,7 +26,7 @@ from cca_ray.circuits.tasks import TaskBatch, binary_logit, task_loss
 log = logging.getLogger(__name__)
 
 Keep = dict[str, torch.Tensor]  # node location -> bool [dim]: True = kept
-SCREEN = 1.0  # cleanup: a removal whose loss on the screening pairs exceeds this x the goal is refused
+SCREEN = 1.0  # cleanup: a removal must pass (loss <= this x the goal) on the screening pairs first
 
 
 @dataclass(frozen=True)
@@ -335,9 +335,12 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
                       s: PruneSpec, taus: dict[str, torch.Tensor], order: list[tuple[str, int]],
                       history: list[dict], full_d: torch.Tensor, start: float,
                       fallback: dict | None = None) -> dict:
-    """Issue 18's selection: bisection over the nodes the learned mask kept, on calibrated validation
-    loss (scale capped at s.max_scale), then (s.cleanup) greedy removal confirmed on held-out pairs;
-    sufficiency and necessity judged on the held-out (test) pairs with validation's calibration."""
+    """Issue 18's selection: bisection over the nodes the learned mask kept (the `fallback` mask of
+    train_masks when the final one misses), on calibrated validation loss (scale capped at
+    s.max_scale), then (s.cleanup) greedy removal, each removal screened on the first
+    s.cleanup_screen_pairs validation pairs and decided on all of them, the cleaned circuit kept only
+    if it passes on held-out pairs; sufficiency and necessity judged on the held-out (test) pairs with
+    validation's calibration."""
     locations = model.node_locations()
     n_kept = int(sum(int((t > 0).sum()) for t in taus.values()))
     cache: dict[tuple, tuple[float, float, float]] = {}
@@ -355,7 +358,7 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
 
     goal = s.selection_margin * s.target_loss  # stricter on validation, so the circuit holds on test
     total = sum(locations.values())
-    selection = "calibrated"
+    selection, final_kept = "calibrated", n_kept
     k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, goal)
     if k is None and fallback:  # the final mask fell short (a late penalty spike): the kept snapshot
         log.info("the final mask (%d nodes) misses the goal %.3g; trying the %d-node mask of step %d",
@@ -364,8 +367,8 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
         order, n_kept = node_order(taus), int(sum(int((t > 0).sum()) for t in taus.values()))
         k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, goal)
     result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
-              "learned_kept": n_kept, "history": history, "hyperparameters": s.to_dict(),
-              "bisection_evaluations": len(cache), "selection": selection}
+              "learned_kept": final_kept, "selected_from": n_kept, "history": history,
+              "hyperparameters": s.to_dict(), "bisection_evaluations": len(cache), "selection": selection}
     if k is None:
         loss = calibrated(order[:n_kept])[0] if n_kept else float("nan")
         log.info("the learned mask (%d nodes) misses the goal %.3g even calibrated (%.3g)", n_kept, goal,
@@ -378,8 +381,8 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
                   if 0 < s.cleanup_screen_pairs < len(val) // 2 else None)
 
         def passes_val(c: list[tuple[str, int]]) -> bool:
-            # most removals break the circuit outright: a few pairs tell (SCREEN x the goal), the
-            # whole validation set decides the rest
+            # most removals break the circuit: a removal must first pass on a few pairs, then on all
+            # (a near pass that fails on the few is refused: cleanup may keep a node more, never less)
             if screen is not None and tuple(sorted(c)) not in cache:
                 d = circuit_logit(model, means, keep_of(c, locations), screen)
                 if calibrated_loss(d, screen.label, s.max_scale, s.lbfgs_steps)[0] > SCREEN * goal:
