@@ -68,7 +68,7 @@ class Artifacts:
         when the hyperparameters are searched (a trial's CPUs and GPUs change speed, not results; its
         threads are keyed). Unsearched pruning runs with search.trial.threads too: keyed as well."""
         c = self.c
-        search = c.search.model_dump(exclude={"trial"}) if searched else None
+        search = c.search.model_dump(exclude={"trial": {"num_cpus", "num_gpus"}}) if searched else None
         return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search,
                          self.trial_threads)
 
