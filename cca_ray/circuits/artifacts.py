@@ -65,10 +65,10 @@ class Artifacts:
 
     def prune_key(self, variant: str, task: str, searched: bool) -> str:
         """A circuit's pruning: the model, the whole prune section, the task, and the search section
-        when the hyperparameters are searched (a trial's CPUs and GPUs change speed, not results; its
-        threads are keyed). Unsearched pruning runs with search.trial.threads too: keyed as well."""
+        when the hyperparameters are searched (a trial's CPUs and GPUs change speed, not results), and
+        the threads any pruning runs with (search.trial.threads, unset: 1), which change results."""
         c = self.c
-        search = c.search.model_dump(exclude={"trial": {"num_cpus", "num_gpus"}}) if searched else None
+        search = c.search.model_dump(exclude={"trial"}) if searched else None
         return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search,
                          self.trial_threads)
 
