@@ -83,12 +83,17 @@ class Artifacts:
         return self.out / "circuits" / variant / task
 
     # ---- stages -------------------------------------------------------------------------------
+    def data_dir(self) -> Path:
+        """The corpus stage's folder, built once per corpus config (nothing loaded)."""
+        path, _ = self.store.run("data", self.data_key, self._make_data)
+        return path
+
     def data(self):
         """(tokenizer, train tokens, val tokens), built once per corpus config."""
         if self._data is None:
             from cca_ray.circuits.tokenizer import load_tokenizer
 
-            path, _ = self.store.run("data", self.data_key, self._make_data)
+            path = self.data_dir()
             tokens = load_file(str(path / "tokens.safetensors"))
             self._data = load_tokenizer(path / "tokenizer.json"), tokens["train"], tokens["val"]
         return self._data
@@ -121,7 +126,6 @@ class Artifacts:
             stop = self.model_meta(v.match_loss_of)["val_loss"]
 
         def compute(tmp: Path) -> dict:
-            self.data()  # the corpus stage, before the child reads it
             self._pinned(_train_entry, variant, stop, str(tmp), str(ckpt), progress, spin=alone)
             return {"variant": variant, "l0_target": v.l0_target, "stop_at_loss": stop}
 
@@ -157,7 +161,6 @@ class Artifacts:
         p = self.c.prune
 
         def compute(tmp: Path) -> dict:
-            self.data()
             self._pinned(_means_entry, variant, str(tmp))
             return {"variant": variant, "windows": p.mean_windows}
 
@@ -177,7 +180,6 @@ class Artifacts:
             return None
 
         def compute(tmp: Path) -> dict:
-            self.data()
             self._pinned(_bridges_entry, str(tmp), progress)
             return {"dense": b.dense, "sparse": b.sparse}
 
@@ -228,9 +230,9 @@ class Artifacts:
         sleeping (no numerical effect; 1.4x faster training here, measured), which is right only when no
         other job shares the cores: concurrent Ray trainings pass spin=False."""
         threads = threads or self.c.train.threads
-        env = {**deterministic_env(threads), **({"OMP_WAIT_POLICY": "ACTIVE"} if spin else {})}
+        self.data_dir()  # every child reads the corpus: its stage first, built once
         return run_deterministic(_child, entry, self.c.model_dump(mode="json"), str(self.out), _echo(), *args,
-                                 threads=threads, env=env)
+                                 threads=threads, env=deterministic_env(threads, spin=spin))
 
 
 # ---- the pinned children's entries (module level: a spawned process imports them) -------------------

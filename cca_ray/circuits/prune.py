@@ -48,7 +48,7 @@ class PruneSpec:
     lbfgs_steps: int = 16
     necessity_threshold: float = 0.5  # ablating the circuit must push the loss at least this high
     seed: int = 0
-    # issue 18 (opt-in until the default run is remeasured): a k_coef controller toward
+    # issue 18 (off in this spec, on in the circuits config's defaults): a k_coef controller toward
     # controller_level x target_loss; bisection over the learned mask's nodes on calibrated loss
     # (scale capped at max_scale); greedy cleanup confirmed on held-out pairs
     controller: bool = False
@@ -262,6 +262,11 @@ def _rows(batch: TaskBatch, rows: torch.Tensor) -> TaskBatch:
                    alternative=batch.alternative[rows], label=batch.label[rows])
 
 
+def _kept(taus: dict[str, torch.Tensor]) -> int:
+    """How many nodes a learned mask keeps (tau > 0)."""
+    return int(sum(int((t > 0).sum()) for t in taus.values()))
+
+
 def node_order(taus: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
     """Every node, highest tau first (ties keep forward order: stable sort)."""
     names = [(n, i) for n, t in taus.items() for i in range(len(t))]
@@ -305,7 +310,7 @@ def prune(model: SparseGPT, means: dict[str, torch.Tensor], train: TaskBatch, va
 
     k = bisect_smallest(loss_of_k, total, s.target_loss)
     result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
-              "learned_kept": int(sum(int((t > 0).sum()) for t in taus.values())),
+              "learned_kept": _kept(taus),
               "history": history, "hyperparameters": s.to_dict(), "bisection_evaluations": len(cache)}
     if k is None:
         log.info("pruning did not reach the target loss %.3g even with every node kept (loss %.3g)",
@@ -342,7 +347,7 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
     if it passes on held-out pairs; sufficiency and necessity judged on the held-out (test) pairs with
     validation's calibration."""
     locations = model.node_locations()
-    n_kept = int(sum(int((t > 0).sum()) for t in taus.values()))
+    n_kept = _kept(taus)
     cache: dict[tuple, tuple[float, float, float]] = {}
 
     def calibrated(nodes: list[tuple[str, int]]) -> tuple[float, float, float]:
@@ -364,7 +369,7 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
         log.info("the final mask (%d nodes) misses the goal %.3g; trying the %d-node mask of step %d",
                  n_kept, goal, fallback["kept"], fallback["step"])
         taus, selection = fallback["taus"], f"calibrated, the mask of step {fallback['step']}"
-        order, n_kept = node_order(taus), int(sum(int((t > 0).sum()) for t in taus.values()))
+        order, n_kept = node_order(taus), _kept(taus)
         k = bisect_kept(lambda k: calibrated(order[:k])[0], n_kept, goal)
     result = {"total_nodes": total, "full_model_loss": loss_from_logit(full_d, test),
               "learned_kept": final_kept, "selected_from": n_kept, "history": history,

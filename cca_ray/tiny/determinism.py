@@ -33,9 +33,12 @@ DETERMINISTIC_ENV: dict[str, str] = {
 }
 
 
-def deterministic_env(threads: int) -> dict[str, str]:
-    """DETERMINISTIC_ENV plus a fixed thread count for OpenMP and MKL (results depend on it)."""
-    return {**DETERMINISTIC_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def deterministic_env(threads: int, spin: bool = False) -> dict[str, str]:
+    """DETERMINISTIC_ENV plus a fixed thread count for OpenMP and MKL (results depend on it). ``spin``:
+    idle OpenMP threads spin (no numerical effect; 1.4x faster circuits training, measured), right only
+    for a job that has its cores to itself."""
+    env = {**DETERMINISTIC_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return {**env, "OMP_WAIT_POLICY": "ACTIVE"} if spin else env
 
 
 def _child(fn: Callable[..., Any], args: tuple, threads: int, conn: Any) -> None:
