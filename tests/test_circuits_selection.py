@@ -1,7 +1,8 @@
 """Issue 18's circuit selection on constructed toys: the k_coef controller moves the penalty the right
 way; bisection over the learned mask's nodes on calibrated loss finds the smallest circuit even when
 the whole model misses the target; the calibration's scale cap keeps a weak circuit out; cleanup on
-validation pairs never returns a circuit that fails on held-out pairs."""
+validation pairs never returns a circuit that fails on held-out pairs; a circuit the model can route
+around grows by that other route until it is necessary."""
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from cca_ray.circuits.prune import (
     top_k_keep,
     train_masks,
 )
-from cca_ray.circuits.selection import KCoefController, bisect_kept, calibrated_loss, confirmed_cleanup
+from cca_ray.circuits.selection import (
+    KCoefController,
+    bisect_kept,
+    calibrated_loss,
+    confirmed_cleanup,
+    grow_until_necessary,
+)
 from cca_ray.circuits.tasks import TaskBatch
 
 
@@ -234,3 +241,64 @@ def test_screening_removals_on_a_few_pairs_keeps_the_circuit_and_saves_evaluatio
     assert runs[0]["bisection_nodes"] == runs[4]["bisection_nodes"] == 2
     assert runs[4]["keep"] == runs[0]["keep"] == {"L0.mlp": [0, 1]}
     assert runs[4]["validation_evaluations"] == runs[0]["validation_evaluations"] - 1
+
+
+class _TwoRoutesToy(nn.Module):
+    """Nodes 0-1 are route A, 2-3 route B, 4 is read by nothing; each node is +1 (token 1 at the
+    scored position) or -1. The logit is 4 x the route with the larger mean |x| (A on ties): either
+    route alone solves the task, so ablating one route leaves it solved."""
+
+    def __init__(self):
+        super().__init__()
+        self.spec = SimpleNamespace(n_ctx=8)
+        self.node_fn = None
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def node_locations(self) -> dict[str, int]:
+        return {"L0.mlp": 5}
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        sign = (tokens == 1).float() * 2 - 1
+        x = sign[..., None].expand(*tokens.shape, 5)
+        if self.node_fn is not None:
+            x = self.node_fn("L0.mlp", x)
+        a, b = x[..., :2].mean(-1), x[..., 2:4].mean(-1)
+        d = 4 * torch.where(a.abs() >= b.abs(), a, b)
+        logits = torch.stack([torch.zeros_like(d), d / 2, -d / 2], -1)
+        return logits if positions is None else logits[torch.arange(len(positions)), positions]
+
+
+def test_a_circuit_the_model_routes_around_grows_by_the_other_route_until_necessary():
+    """The learned mask kept route A; the calibrated selection keeps node 0 alone (sufficient). With it
+    ablated, route B still solves the task (loss 0.02): not necessary. The repair ranks the other
+    nodes by how much ablating them would hurt: route B first (adding it is not enough, as half of A
+    is left), then node 1 in a second round; never node 4. The grown circuit is sufficient and
+    necessary on held-out pairs."""
+    from cca_ray.circuits.prune import _prune_calibrated
+
+    model, means = _TwoRoutesToy(), {"L0.mlp": torch.zeros(5)}
+    taus = {"L0.mlp": torch.tensor([0.9, 0.8, -0.5, -0.6, -0.7])}  # the learned mask kept route A
+    val, test = _toy_batch(16), _toy_batch(8)
+    full_d = circuit_logit(model, means, None, test)
+    runs = {}
+    for repair in (False, True):
+        s = PruneSpec(target_loss=0.15, calibrated=True, selection_margin=0.8, necessity_repair=repair)
+        runs[repair] = _prune_calibrated(model, means, val, test, s, taus, node_order(taus), [], full_d, 0.0)
+    before, after = runs[False], runs[True]
+    assert before["sufficient"] and not before["necessary"] and before["necessity_loss"] < 0.05
+    assert before["keep"] == {"L0.mlp": [0]} and before["other_routes"] == "off"
+    assert after["keep"] == {"L0.mlp": [0, 1, 2, 3]} and after["n_nodes"] == 4
+    assert after["sufficient"] and after["necessary"] and after["necessity_loss"] > 0.6
+    assert after["other_routes"] == "other routes: 3 nodes added"
+
+
+def test_growing_adds_the_fewest_ranked_nodes_and_stops_when_already_necessary():
+    """Generic: ablating {a} leaves route {b, c} or route {d}; the ranking puts b, d first."""
+    def ablated_loss(c):
+        routes = [{"b", "c"}, {"d"}]
+        return 0.01 if any(not (r & set(c)) for r in routes) else 1.0
+
+    grown, what = grow_until_necessary(["a"], ablated_loss, lambda c: ["b", "d", "c", "e"], goal=0.6)
+    assert grown == ["a", "b", "d"] and what == "other routes: 2 nodes added"
+    same, what = grow_until_necessary(["a", "b", "d"], ablated_loss, lambda c: ["c", "e"], goal=0.6)
+    assert same == ["a", "b", "d"] and what == "necessary as selected"

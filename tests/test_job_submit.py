@@ -36,7 +36,7 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_a_sweep_on_a_local_head(small_model, problems_file, tmp_path):
     raw = _config(small_model, problems_file, update={"lr_grid": [], "random_seeds": 0, "steps": 2})
     raw["evaluation"]["general_tasks"] = []
-    raw["tune"] = {"num_samples": 2, "max_concurrent_trials": 1, "search": "random", "scheduler": "fifo"}
+    raw["tune"] = {"num_samples": 1, "max_concurrent_trials": 1, "search": "random", "scheduler": "fifo"}
     raw["resources"] = {"sampler": {"num_cpus": 0.2}, "trainer": {"num_cpus": 0.3}, "eval": {"num_cpus": 0.2},
                         "trial": {"num_cpus": 0.05}}
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
@@ -85,4 +85,4 @@ def test_ray_job_submit_runs_a_sweep_on_a_local_head(small_model, problems_file,
         head.wait(timeout=60)
     report = json.loads((out / "sweep_report.json").read_text())
     assert report["summary"]["finished"] == 1
-    assert report["models"]["small"]["trials"] == 2
+    assert report["models"]["small"]["trials"] == 1

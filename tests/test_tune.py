@@ -1,4 +1,4 @@
-"""`cca-ray sweep` on a real local Ray (num_cpus=2): two models x 4 trials through the sampler,
+"""`cca-ray sweep` on a real local Ray (num_cpus=2): two models x 3 trials through the sampler,
 trainer and eval actors, Tune (Optuna + ASHA), shared stages computed once per model, a trial whose
 TrainerActor is killed is retried, the cross-model report; a sweep whose driver is killed resumes
 without repeating finished trials."""
@@ -23,6 +23,7 @@ from cca_ray.config import load_sweep
 
 pytestmark = pytest.mark.slow
 
+TRIALS = 3  # per model in the sweep fixture: enough for a killed-and-retried trial among finished ones
 SMALL_RESOURCES = {"sampler": {"num_cpus": 0.2}, "trainer": {"num_cpus": 0.3}, "eval": {"num_cpus": 0.2},
                    "trial": {"num_cpus": 0.05}}
 
@@ -74,7 +75,7 @@ def sweep_run(small_model, problems_file, tmp_path_factory):
     from cca_ray.launch.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    config = _model_config(small_model, problems_file, 4, 2)
+    config = _model_config(small_model, problems_file, TRIALS, 2)
     config["tune"]["loggers"] = {"mlflow": True}  # and TensorBoard, the default
     sweep = _sweep_file(tmp, config, ["small-a", "small-b"])
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -94,15 +95,15 @@ def test_sweep_reports_every_model(sweep_run):
     assert report["summary"] == report["summary"] | {"models": 2, "finished": 2, "failed": 0, "missing": 0}
     for key in ("small-a", "small-b"):
         m = report["models"][key]
-        assert m["status"] == "finished" and m["trials"] >= 4
+        assert m["status"] == "finished" and m["trials"] >= TRIALS
         assert 0 <= m["base_test_accuracy"] <= 1 and 0 <= m["cca_test_accuracy"] <= 1
         assert abs(m["gain"] - (m["cca_test_accuracy"] - m["base_test_accuracy"])) < 1e-9
         assert 0.01 <= m["best_lambda"] <= 0.05 and 0.005 <= m["best_lr"] <= 0.05
         assert set(m["general_deltas"]) == {"tinyworld_trivia"}
         result = json.loads((out / "models" / key / "result.json").read_text())
-        assert len(result["trials"]) == 4
+        assert len(result["trials"]) == TRIALS
         # every trial worked in this model's own folder (trials of concurrent models kept apart)
-        assert len(list((out / "models" / key / "trials").glob("*.attempts"))) == 4
+        assert len(list((out / "models" / key / "trials").glob("*.attempts"))) == TRIALS
         # the best trial's lambda/lr are what the test evaluation used
         assert result["cca"]["lambda"] == m["best_lambda"] and result["cca"]["lr"] == m["best_lr"]
         # the evaluator's report carries the pivot diagnostics and the best updated step into result.json
@@ -122,8 +123,8 @@ def test_shared_stages_ran_once_per_model(sweep_run):
         log = (out / "models" / key / "run.log").read_text()
         assert log.count("stage traces: computing") == 1
         assert log.count("stage localize: computing") == 1
-        # every trainer (4 trials, one retried) reused them instead
-        assert log.count("stage localize: reused") >= 4
+        # every trainer (TRIALS trials, one retried) reused them instead
+        assert log.count("stage localize: reused") >= TRIALS
         # masks are cached per lambda: one dcm folder per distinct lambda, never more
         trials = json.loads((out / "models" / key / "result.json").read_text())["trials"]
         lambdas = {t["lambda"] for t in trials}
@@ -154,7 +155,7 @@ def test_tune_logs_for_tensorboard_and_mlflow(sweep_run):
 
 
 def test_killed_driver_resumes_without_repeating_finished_trials(small_model, problems_file, tmp_path):
-    sweep = _sweep_file(tmp_path, _model_config(small_model, problems_file, 4, 1), ["solo"], 1)
+    sweep = _sweep_file(tmp_path, _model_config(small_model, problems_file, 3, 1), ["solo"], 1)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cca_ray.cli", "sweep", str(sweep), "--out", str(out), "--num-cpus", "2"]
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -162,11 +163,11 @@ def test_killed_driver_resumes_without_repeating_finished_trials(small_model, pr
                             stderr=subprocess.DEVNULL)
     stages = out / "models" / "solo" / "stages"
     deadline = time.time() + 600
-    while time.time() < deadline and len(list(stages.glob("update-*/meta.json"))) < 2:
+    while time.time() < deadline and len(list(stages.glob("update-*/meta.json"))) < 1:
         assert proc.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.5)
     finished_before = {p.parent.name: p.stat().st_mtime for p in stages.glob("update-*/meta.json")}
-    assert len(finished_before) >= 2
+    assert finished_before
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     for pid in _session(proc.pid):  # a Ray process in its own process group, same session
@@ -178,7 +179,7 @@ def test_killed_driver_resumes_without_repeating_finished_trials(small_model, pr
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "models" / "solo" / "result.json").read_text())
-    assert result["status"] == "finished" and len(result["trials"]) == 4
+    assert result["status"] == "finished" and len(result["trials"]) == 3
     for name, mtime in finished_before.items():  # finished updates were not recomputed
         assert (stages / name / "meta.json").stat().st_mtime == mtime, name
     log = (out / "models" / "solo" / "run.log").read_text()

@@ -126,6 +126,9 @@ class PruneSection(Section):
                                       "validation pairs first; only one passing there is judged on all "
                                       "(0: off)")
     tied_qk: bool = Field(False, description="one mask value for q channel i and k channel i of a layer")
+    necessity_repair: bool = Field(True, description="when the model can route around a circuit (ablating "
+                                   "it leaves the task solved), add the nodes of that other route until "
+                                   "ablating the circuit breaks the task")
     distractors: bool = Field(False, description="closed strings / lists may precede a quote or bracket "
                                                 "decision (the harder variant); false: none do")
 

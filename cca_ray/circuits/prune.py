@@ -20,6 +20,7 @@ from cca_ray.circuits.selection import (
     calibrated_loss,
     confirmed_cleanup,
     fit_scale_shift,
+    grow_until_necessary,
 )
 from cca_ray.circuits.tasks import TaskBatch, binary_logit, task_loss
 
@@ -62,6 +63,7 @@ class PruneSpec:
     cleanup: bool = False
     cleanup_screen_pairs: int = 64  # a removal first tried on this many validation pairs (0: off)
     tied_qk: bool = False  # one tau for q channel i and k channel i of a layer (kept or dropped together)
+    necessity_repair: bool = False  # a circuit the model can route around grows by that other route
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +164,24 @@ def circuit_logit(model: SparseGPT, means: dict[str, torch.Tensor], keep: Keep |
         return binary_logit(last_logits(model, batch), batch)
     finally:
         model.node_fn = None
+
+
+def ablation_attribution(model: SparseGPT, means: dict[str, torch.Tensor], keep: Keep,
+                         batch: TaskBatch) -> dict[str, torch.Tensor]:
+    """Per node, how much the task loss would rise if it were ablated too, to first order: minus the
+    loss's gradient with respect to its gate at `keep` (gates 1 kept, 0 ablated)."""
+    model.eval()
+    model.requires_grad_(False)
+    gates = {n: m.float().requires_grad_(True) for n, m in keep.items()}
+    model.node_fn = MeanAblation(means, gates)
+    try:
+        d = binary_logit(last_logits(model, batch), batch)
+        loss = torch.nn.functional.softplus(-batch.label * d).mean()
+        grads = torch.autograd.grad(loss, list(gates.values()))
+    finally:
+        model.node_fn = None
+        model.requires_grad_(True)
+    return {n: -g for n, g in zip(gates, grads, strict=True)}
 
 
 def loss_from_logit(d: torch.Tensor, batch: TaskBatch, scale: float = 1.0, shift: float = 0.0) -> float:
@@ -399,6 +419,40 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
             return j["sufficient"] and j["necessary"]
 
         nodes, cleanup = confirmed_cleanup(nodes, passes_val, passes_test)
+    routes = "off"
+    if s.necessity_repair:
+        nodes, routes = _with_other_routes(model, means, val, nodes, s)
     return {**result, "reached": True, "n_nodes": len(nodes), "bisection_nodes": k, "cleanup": cleanup,
+            "other_routes": routes,
             "val_loss_calibrated": calibrated(nodes)[0], **judged(nodes),
             "validation_evaluations": len(cache), "seconds": time.perf_counter() - start}
+
+
+def _with_other_routes(model: SparseGPT, means: dict[str, torch.Tensor], val: TaskBatch,
+                       nodes: list[tuple[str, int]], s: PruneSpec) -> tuple[list[tuple[str, int]], str]:
+    """The circuit grown by the route the model falls back on when it is ablated (ranked by
+    ablation_attribution), until ablating it pushes the validation loss to the necessity threshold /
+    selection_margin (stricter on validation, as the selection is); see grow_until_necessary."""
+    locations = model.node_locations()
+    cache: dict[tuple, float] = {}
+
+    def others(c: list[tuple[str, int]]) -> Keep:
+        return {n: ~m for n, m in keep_of(c, locations).items()}
+
+    def ablated_loss(c: list[tuple[str, int]]) -> float:
+        key = tuple(sorted(c))
+        if key not in cache:
+            cache[key] = loss_from_logit(circuit_logit(model, means, others(c), val), val)
+        return cache[key]
+
+    def ranked_others(c: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        score = ablation_attribution(model, means, others(c), val)
+        flat = torch.cat([score[n] for n in locations])
+        names = [(n, i) for n, d in locations.items() for i in range(d)]
+        order = torch.sort(flat, descending=True, stable=True).indices.tolist()
+        return [names[i] for i in order if flat[i] > 0]
+
+    goal = s.necessity_threshold / s.selection_margin
+    grown, what = grow_until_necessary(nodes, ablated_loss, ranked_others, goal)
+    log.info("necessity: %s (%d -> %d nodes, %d evaluations)", what, len(nodes), len(grown), len(cache))
+    return grown, what

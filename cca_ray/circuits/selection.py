@@ -117,3 +117,26 @@ def confirmed_cleanup(nodes: list[Node], passes_val: Callable[[list[Node]], bool
     if passes_test(cleaned):
         return cleaned, f"removed {len(nodes) - len(cleaned)} nodes"
     return nodes, f"reverted: the cleaned circuit ({len(cleaned)} nodes) failed on held-out pairs"
+
+
+def grow_until_necessary(circuit: list[Node], ablated_loss: Callable[[list[Node]], float],
+                         ranked_others: Callable[[list[Node]], list[Node]], goal: float,
+                         rounds: int = 4) -> tuple[list[Node], str]:
+    """Make a sufficient circuit necessary when the model has another route for the task: while
+    ablating the circuit leaves the task loss below ``goal``, add the fewest of the remaining nodes,
+    in ``ranked_others(circuit)`` order (the route the model falls back on first), whose ablation with
+    the circuit reaches the goal (bisection); a round that cannot reach it adds them all and ranks
+    again. Returns (circuit, what happened); at most ``rounds`` rounds."""
+    grown = list(circuit)
+    for _ in range(rounds):
+        if ablated_loss(grown) >= goal:
+            break
+        ranked = [n for n in ranked_others(grown) if n not in set(grown)]
+        if not ranked:
+            break
+        k = bisect_smallest(lambda j, g=grown, r=ranked: -ablated_loss(g + r[:j]), len(ranked), -goal)
+        grown = grown + ranked[:len(ranked) if k is None else k]
+    added = len(grown) - len(circuit)
+    if ablated_loss(grown) < goal:
+        return grown, f"other routes: {added} nodes added, still not necessary on validation pairs"
+    return grown, f"other routes: {added} nodes added" if added else "necessary as selected"
