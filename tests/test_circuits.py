@@ -289,6 +289,31 @@ def test_circuit_edges_are_nonzero_weights_between_kept_nodes():
     weights, residual = edge_counts(list(edges.values()))
     assert residual == sum(e["kind"] == "residual" for e in edges.values()) >= 1
     assert weights == len(edges) - residual and weights >= 1
+    # the final norm's output (the unembedding's read) joins the residual links, never the weight edges
+    final = {(e["src"], e["dst"]): e for e in circuit_edges(model, {**keep, "L2.final": [2, 9]})}
+    assert final[("L0.mlp_out.2", "L2.final.2")]["kind"] == "residual"
+    assert edge_counts(list(final.values())) == (weights, residual + 1)
+
+
+def test_the_unembeddings_read_is_a_node_that_removes_the_direct_path():
+    """With every other node kept, mean-ablating the final norm's output leaves logits that no longer
+    depend on the input (the bigram table aside: off here): the embedding's direct path to the logits
+    is ablatable, so a circuit need not spend nodes cancelling what it says about the last token."""
+    torch.manual_seed(0)
+    model = SparseGPT(SPEC)
+    locations = model.node_locations()
+    assert list(locations)[-1] == "L2.final" and locations["L2.final"] == SPEC.d_model
+    toks = _tokens()
+    means = node_means(model, toks, windows=32, batch_size=8)
+    rows = toks[:48].view(3, 16)
+    gates = {n: torch.ones(d) for n, d in locations.items()}
+    model.node_fn = MeanAblation(means, gates)
+    kept = model(rows)
+    gates["L2.final"] = torch.zeros(SPEC.d_model)
+    ablated = model(rows)
+    model.node_fn = None
+    assert kept.std(dim=(0, 1)).mean() > 0.1  # the logits vary with the input...
+    torch.testing.assert_close(ablated, ablated[:1, :1].expand_as(ablated))  # ...and without the read do not
 
 
 def test_geometric_mean_of_ratios():

@@ -27,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cca_ray.circuits.config import CircuitsConfig
+from cca_ray.circuits.model import FINAL, LOCATIONS
 from cca_ray.io import write_json, write_safetensors
 from cca_ray.logs import LOGGER
 from cca_ray.stages import StageStore, stage_key
@@ -60,8 +61,10 @@ class Artifacts:
                          c.train.model_dump(exclude=_TRAIN_UNKEYED), v.model_dump(exclude_none=True), ref)
 
     def means_key(self, variant: str) -> str:
+        """The model, the corpus windows and seed, and the node locations (each one gets a mean)."""
         p = self.c.prune
-        return stage_key("circuits-means", self.model_key(variant), p.mean_windows, p.seed)
+        nodes = (*LOCATIONS, FINAL)
+        return stage_key("circuits-means", self.model_key(variant), p.mean_windows, p.seed, nodes)
 
     def prune_key(self, variant: str, task: str, searched: bool) -> str:
         """A circuit's pruning: the model, the whole prune section, the task, and the search section

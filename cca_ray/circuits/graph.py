@@ -3,7 +3,8 @@ a rendered picture, and the corpus snippets on which each kept node fires hardes
 
 Edges: attn_in -> q/k/v (W_q, W_k, W_v), v -> attn_out (W_o, same channel through the attention
 mix), mlp_in -> mlp (W_in), mlp -> mlp_out (W_out), and residual edges from a block output
-channel to the same channel of a later RMSNorm output (the norm's gain is the weight). Every
+channel to the same channel of a later RMSNorm output, the final one (read by the unembedding)
+included (the norm's gain is the weight). Every
 edge is a nonzero weight; q and k nodes meet in the attention scores, which have no weight, so
 they carry no q-k edge. Circuit sizes count edges as the paper does, without the residual links
 (`edge_counts`; those are reported beside them).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cca_ray.circuits.model import LOCATIONS, SparseGPT, node_name
+from cca_ray.circuits.model import FINAL, LOCATIONS, SparseGPT, node_name
 from cca_ray.io import atomic_write
 
 # location -> (weight matrix attribute of the block, source location): dst channel j, src channel i
@@ -29,14 +30,26 @@ def _split(name: str) -> tuple[int, str]:
     return int(layer[1:]), loc
 
 
+def _column(loc: str) -> int:
+    """A location's place within its layer, in forward order (the final read after everything)."""
+    return len(LOCATIONS) if loc == FINAL else LOCATIONS.index(loc)
+
+
+def _norm(model: SparseGPT, layer: int, loc: str):
+    """The RMSNorm whose output is this read location (None for other locations)."""
+    if loc == FINAL:
+        return model.ln_f
+    return getattr(model.blocks[layer], _NORMS[loc]) if loc in _NORMS else None
+
+
 def circuit_edges(model: SparseGPT, keep: dict[str, list[int]]) -> list[dict]:
     """Every nonzero weight between two kept nodes, as {src, dst, weight, kind}."""
     edges = []
     kept = {n: sorted(ix) for n, ix in keep.items() if ix}
     for dst_name, dst_ix in kept.items():
         layer, loc = _split(dst_name)
-        block = model.blocks[layer]
         if loc in _WEIGHT_EDGES:
+            block = model.blocks[layer]
             attr, src_loc = _WEIGHT_EDGES[loc]
             src_ix = kept.get(node_name(layer, src_loc), [])
             if not src_ix:
@@ -45,8 +58,9 @@ def circuit_edges(model: SparseGPT, keep: dict[str, list[int]]) -> list[dict]:
             for a, b in (w != 0).nonzero().tolist():
                 edges.append({"src": f"{node_name(layer, src_loc)}.{src_ix[b]}",
                               "dst": f"{dst_name}.{dst_ix[a]}", "weight": float(w[a, b]), "kind": attr})
-        if loc in _NORMS:  # residual: earlier block outputs' same channel -> this norm's output
-            gain = getattr(block, _NORMS[loc]).gain.detach()
+        norm = _norm(model, layer, loc)
+        if norm is not None:  # residual: earlier block outputs' same channel -> this norm's output
+            gain = norm.gain.detach()
             for src_name, src_ix in kept.items():
                 s_layer, s_loc = _split(src_name)
                 if s_loc not in ("attn_out", "mlp_out"):
@@ -85,8 +99,7 @@ def circuit_nodes(keep: dict[str, list[int]], means: dict[str, torch.Tensor],
             nodes.append({"name": f"{name}.{i}", "layer": layer, "kind": loc, "index": i,
                           "mean": float(means[name][i]),
                           **({"tau": tau[name][pos]} if tau and name in tau else {})})
-    order = {loc: n for n, loc in enumerate(LOCATIONS)}
-    return sorted(nodes, key=lambda n: (n["layer"], order[n["kind"]], n["index"]))
+    return sorted(nodes, key=lambda n: (n["layer"], _column(n["kind"]), n["index"]))
 
 
 def render(circuit: dict, path: str | Path, title: str = "") -> Path:
@@ -98,11 +111,11 @@ def render(circuit: dict, path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     nodes, edges = circuit["nodes"], circuit["edges"]
-    columns = sorted({(n["layer"], LOCATIONS.index(n["kind"])) for n in nodes})
+    columns = sorted({(n["layer"], _column(n["kind"])) for n in nodes})
     col_x = {c: i for i, c in enumerate(columns)}
     pos, per_col = {}, {}
     for n in nodes:
-        c = (n["layer"], LOCATIONS.index(n["kind"]))
+        c = (n["layer"], _column(n["kind"]))
         row = per_col.get(c, 0)
         per_col[c] = row + 1
         pos[n["name"]] = (col_x[c], -row)
@@ -118,7 +131,7 @@ def render(circuit: dict, path: str | Path, title: str = "") -> Path:
         ax.scatter([x], [y], s=120, color="white", edgecolor="black", zorder=2)
         ax.annotate(name.split(".")[-1], (x, y), ha="center", va="center", fontsize=6, zorder=3)
     ax.set_xticks(range(len(columns)))
-    ax.set_xticklabels([f"L{layer}\n{LOCATIONS[loc]}" for layer, loc in columns], fontsize=7)
+    ax.set_xticklabels([f"L{layer}\n{(*LOCATIONS, FINAL)[loc]}" for layer, loc in columns], fontsize=7)
     ax.set_yticks([])
     ax.set_title(title or f"{len(nodes)} nodes, {len(edges)} edges", fontsize=9)
     if not nodes:

@@ -1,9 +1,10 @@
 """The weight-sparse GPT of Gao et al. (2025): a GPT-2-style decoder with RMSNorm, untied
 embeddings, optional attention sinks and bigram table, and AbsTopK activation sparsity.
 
-Every place where a circuit node lives (a channel after each RMSNorm, q/k/v channels, MLP
-neurons, block outputs before the residual add) goes through `self.node(name, x)`, so pruning,
-mean recording and snippet collection hook in at one point without touching the forward pass.
+Every place where a circuit node lives (a channel after each RMSNorm, the final one that the
+unembedding reads included, q/k/v channels, MLP neurons, block outputs before the residual add) goes
+through `self.node(name, x)`, so pruning, mean recording and snippet collection hook in at one point
+without touching the forward pass.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from torch import nn
 
 # node locations of one layer, in forward order; `dim` below gives each one's width
 LOCATIONS = ("attn_in", "q", "k", "v", "attn_out", "mlp_in", "mlp", "mlp_out")
+# after the last layer: the final RMSNorm's output, which the unembedding reads (named L{n_layer}.final).
+# Without it the embedding's direct path to the logits cannot be ablated, and a circuit must spend
+# nodes cancelling what that path says about the last token.
+FINAL = "final"
 
 
 @dataclass(frozen=True)
@@ -152,8 +157,9 @@ class SparseGPT(nn.Module):
 
     def node_locations(self) -> dict[str, int]:
         """Every node location name -> its width, in forward order."""
-        return {node_name(i, loc): self.spec.dim(loc)
-                for i in range(self.spec.n_layer) for loc in LOCATIONS}
+        n = self.spec.n_layer
+        layers = {node_name(i, loc): self.spec.dim(loc) for i in range(n) for loc in LOCATIONS}
+        return {**layers, node_name(n, FINAL): self.spec.d_model}
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, time, vocab] for token ids [batch, time]; with `positions` [batch], only each
@@ -179,7 +185,7 @@ class SparseGPT(nn.Module):
 
     def logits(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits from the final residual stream (+ the bigram table of the input tokens)."""
-        logits = self.unembed(self.ln_f(x))
+        logits = self.unembed(self.node(node_name(self.spec.n_layer, FINAL), self.ln_f(x)))
         if self.bigram is not None:
             logits = logits + self.bigram[tokens]
         return logits
