@@ -36,7 +36,10 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_a_sweep_on_a_local_head(small_model, problems_file, tmp_path):
     raw = _config(small_model, problems_file, update={"lr_grid": [], "random_seeds": 0, "steps": 2})
     raw["evaluation"]["general_tasks"] = []
-    raw["tune"] = {"num_samples": 1, "max_concurrent_trials": 1, "search": "random", "scheduler": "fifo"}
+    # one trial, from a lambda range where this model's mask keeps components (a larger lambda can
+    # select none, and that trial fails by design)
+    raw["tune"] = {"num_samples": 1, "max_concurrent_trials": 1, "search": "random", "scheduler": "fifo",
+                   "lambda": {"low": 0.01, "high": 0.05}}
     raw["resources"] = {"sampler": {"num_cpus": 0.2}, "trainer": {"num_cpus": 0.3}, "eval": {"num_cpus": 0.2},
                         "trial": {"num_cpus": 0.05}}
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
