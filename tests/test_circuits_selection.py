@@ -102,8 +102,10 @@ def test_the_scale_cap_keeps_a_weak_circuit_out():
     assert scale == 4.0 and loss > 0.15
 
 
-class _ContextToy(nn.Module):
-    """Node 0 carries the answer after context token 0, node 1 after context token 3 (else 0)."""
+class _NodeToy(nn.Module):
+    """A constructed model with one node location, 'L0.mlp' of `width` nodes (forward: the subclass)."""
+
+    width = 1
 
     def __init__(self):
         super().__init__()
@@ -112,7 +114,13 @@ class _ContextToy(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def node_locations(self) -> dict[str, int]:
-        return {"L0.mlp": 2}
+        return {"L0.mlp": self.width}
+
+
+class _ContextToy(_NodeToy):
+    """Node 0 carries the answer after context token 0, node 1 after context token 3 (else 0)."""
+
+    width = 2
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         sign = (tokens[:, 1:2] == 1).float() * 2 - 1
@@ -243,19 +251,12 @@ def test_screening_removals_on_a_few_pairs_keeps_the_circuit_and_saves_evaluatio
     assert runs[4]["validation_evaluations"] == runs[0]["validation_evaluations"] - 1
 
 
-class _TwoRoutesToy(nn.Module):
+class _TwoRoutesToy(_NodeToy):
     """Nodes 0-1 are route A, 2-3 route B, 4 is read by nothing; each node is +1 (token 1 at the
     scored position) or -1. The logit is 4 x the route with the larger mean |x| (A on ties): either
     route alone solves the task, so ablating one route leaves it solved."""
 
-    def __init__(self):
-        super().__init__()
-        self.spec = SimpleNamespace(n_ctx=8)
-        self.node_fn = None
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def node_locations(self) -> dict[str, int]:
-        return {"L0.mlp": 5}
+    width = 5
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         sign = (tokens == 1).float() * 2 - 1
