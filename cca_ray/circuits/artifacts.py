@@ -27,7 +27,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cca_ray.circuits.config import CircuitsConfig
-from cca_ray.circuits.model import FINAL, LOCATIONS
+from cca_ray.circuits.model import NODE_KINDS
 from cca_ray.io import write_json, write_safetensors
 from cca_ray.logs import LOGGER
 from cca_ray.stages import StageStore, stage_key
@@ -63,8 +63,7 @@ class Artifacts:
     def means_key(self, variant: str) -> str:
         """The model, the corpus windows and seed, and the node locations (each one gets a mean)."""
         p = self.c.prune
-        nodes = (*LOCATIONS, FINAL)
-        return stage_key("circuits-means", self.model_key(variant), p.mean_windows, p.seed, nodes)
+        return stage_key("circuits-means", self.model_key(variant), p.mean_windows, p.seed, NODE_KINDS)
 
     def prune_key(self, variant: str, task: str, searched: bool) -> str:
         """A circuit's pruning: the model, the whole prune section, the task, and the search section

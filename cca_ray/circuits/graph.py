@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cca_ray.circuits.model import FINAL, LOCATIONS, SparseGPT, node_name
+from cca_ray.circuits.model import FINAL, NODE_KINDS, SparseGPT, node_name
 from cca_ray.io import atomic_write
 
 # location -> (weight matrix attribute of the block, source location): dst channel j, src channel i
@@ -28,11 +28,6 @@ _NORMS = {"attn_in": "ln_attn", "mlp_in": "ln_mlp"}
 def _split(name: str) -> tuple[int, str]:
     layer, loc = name.split(".", 1)
     return int(layer[1:]), loc
-
-
-def _column(loc: str) -> int:
-    """A location's place within its layer, in forward order (the final read after everything)."""
-    return len(LOCATIONS) if loc == FINAL else LOCATIONS.index(loc)
 
 
 def _norm(model: SparseGPT, layer: int, loc: str):
@@ -99,7 +94,7 @@ def circuit_nodes(keep: dict[str, list[int]], means: dict[str, torch.Tensor],
             nodes.append({"name": f"{name}.{i}", "layer": layer, "kind": loc, "index": i,
                           "mean": float(means[name][i]),
                           **({"tau": tau[name][pos]} if tau and name in tau else {})})
-    return sorted(nodes, key=lambda n: (n["layer"], _column(n["kind"]), n["index"]))
+    return sorted(nodes, key=lambda n: (n["layer"], NODE_KINDS.index(n["kind"]), n["index"]))
 
 
 def render(circuit: dict, path: str | Path, title: str = "") -> Path:
@@ -111,11 +106,11 @@ def render(circuit: dict, path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     nodes, edges = circuit["nodes"], circuit["edges"]
-    columns = sorted({(n["layer"], _column(n["kind"])) for n in nodes})
+    columns = sorted({(n["layer"], NODE_KINDS.index(n["kind"])) for n in nodes})
     col_x = {c: i for i, c in enumerate(columns)}
     pos, per_col = {}, {}
     for n in nodes:
-        c = (n["layer"], _column(n["kind"]))
+        c = (n["layer"], NODE_KINDS.index(n["kind"]))
         row = per_col.get(c, 0)
         per_col[c] = row + 1
         pos[n["name"]] = (col_x[c], -row)
@@ -131,7 +126,7 @@ def render(circuit: dict, path: str | Path, title: str = "") -> Path:
         ax.scatter([x], [y], s=120, color="white", edgecolor="black", zorder=2)
         ax.annotate(name.split(".")[-1], (x, y), ha="center", va="center", fontsize=6, zorder=3)
     ax.set_xticks(range(len(columns)))
-    ax.set_xticklabels([f"L{layer}\n{(*LOCATIONS, FINAL)[loc]}" for layer, loc in columns], fontsize=7)
+    ax.set_xticklabels([f"L{layer}\n{NODE_KINDS[loc]}" for layer, loc in columns], fontsize=7)
     ax.set_yticks([])
     ax.set_title(title or f"{len(nodes)} nodes, {len(edges)} edges", fontsize=9)
     if not nodes:

@@ -23,6 +23,7 @@ LOCATIONS = ("attn_in", "q", "k", "v", "attn_out", "mlp_in", "mlp", "mlp_out")
 # Without it the embedding's direct path to the logits cannot be ablated, and a circuit must spend
 # nodes cancelling what that path says about the last token.
 FINAL = "final"
+NODE_KINDS = (*LOCATIONS, FINAL)  # every node location kind, in forward order
 
 
 @dataclass(frozen=True)

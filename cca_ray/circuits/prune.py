@@ -175,9 +175,7 @@ def ablation_attribution(model: SparseGPT, means: dict[str, torch.Tensor], keep:
     gates = {n: m.float().requires_grad_(True) for n, m in keep.items()}
     model.node_fn = MeanAblation(means, gates)
     try:
-        d = binary_logit(last_logits(model, batch), batch)
-        loss = torch.nn.functional.softplus(-batch.label * d).mean()
-        grads = torch.autograd.grad(loss, list(gates.values()))
+        grads = torch.autograd.grad(task_loss(last_logits(model, batch), batch), list(gates.values()))
     finally:
         model.node_fn = None
         model.requires_grad_(True)
@@ -282,6 +280,11 @@ def _rows(batch: TaskBatch, rows: torch.Tensor) -> TaskBatch:
                    alternative=batch.alternative[rows], label=batch.label[rows])
 
 
+def _complement(keep: Keep) -> Keep:
+    """The keep masks of every node that `keep` drops (the circuit ablated, the rest kept)."""
+    return {n: ~m for n, m in keep.items()}
+
+
 def _kept(taus: dict[str, torch.Tensor]) -> int:
     """How many nodes a learned mask keeps (tau > 0)."""
     return int(sum(int((t > 0).sum()) for t in taus.values()))
@@ -349,7 +352,7 @@ def _judged(model: SparseGPT, means: dict[str, torch.Tensor], keep: Keep, test: 
     """A circuit judged on held-out pairs: sufficiency (only it kept, with validation's calibration)
     and necessity (only it ablated); with its keep lists and taus."""
     suff = loss_from_logit(circuit_logit(model, means, keep, test), test, scale, shift)
-    nec = loss_from_logit(circuit_logit(model, means, {n: ~m for n, m in keep.items()}, test), test)
+    nec = loss_from_logit(circuit_logit(model, means, _complement(keep), test), test)
     return {"keep": {n: m.nonzero().flatten().tolist() for n, m in keep.items() if m.any()},
             "scale": scale, "shift": shift, "task_loss": suff, "sufficient": suff <= s.target_loss,
             "necessity_loss": nec, "necessary": nec >= s.necessity_threshold,
@@ -436,21 +439,16 @@ def _with_other_routes(model: SparseGPT, means: dict[str, torch.Tensor], val: Ta
     locations = model.node_locations()
     cache: dict[tuple, float] = {}
 
-    def others(c: list[tuple[str, int]]) -> Keep:
-        return {n: ~m for n, m in keep_of(c, locations).items()}
-
     def ablated_loss(c: list[tuple[str, int]]) -> float:
         key = tuple(sorted(c))
         if key not in cache:
-            cache[key] = loss_from_logit(circuit_logit(model, means, others(c), val), val)
+            ablated = _complement(keep_of(c, locations))
+            cache[key] = loss_from_logit(circuit_logit(model, means, ablated, val), val)
         return cache[key]
 
     def ranked_others(c: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        score = ablation_attribution(model, means, others(c), val)
-        flat = torch.cat([score[n] for n in locations])
-        names = [(n, i) for n, d in locations.items() for i in range(d)]
-        order = torch.sort(flat, descending=True, stable=True).indices.tolist()
-        return [names[i] for i in order if flat[i] > 0]
+        score = ablation_attribution(model, means, _complement(keep_of(c, locations)), val)
+        return [(n, i) for n, i in node_order(score) if score[n][i] > 0]
 
     goal = s.necessity_threshold / s.selection_margin
     grown, what = grow_until_necessary(nodes, ablated_loss, ranked_others, goal)

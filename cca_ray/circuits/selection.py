@@ -131,7 +131,8 @@ def grow_until_necessary(circuit: list[Node], ablated_loss: Callable[[list[Node]
     for _ in range(rounds):
         if ablated_loss(grown) >= goal:
             break
-        ranked = [n for n in ranked_others(grown) if n not in set(grown)]
+        inside = set(grown)
+        ranked = [n for n in ranked_others(grown) if n not in inside]
         if not ranked:
             break
         k = bisect_smallest(lambda j, g=grown, r=ranked: -ablated_loss(g + r[:j]), len(ranked), -goal)
