@@ -325,19 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cca-ray` console script."""
-    from cca_ray.components import UnsupportedArchitecture
-    from cca_ray.config import ConfigError
-    from cca_ray.data.gsm_symbolic import DataError
-    from cca_ray.data.templates import TemplateError
-    from cca_ray.dcm import DCMError
-    from cca_ray.localize import LocalizationError
-    from cca_ray.update import UpdateError
+    from cca_ray.errors import UserError  # not the error classes' modules: --help must not load torch
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TemplateError, LocalizationError, DCMError, UpdateError,
-            UnsupportedArchitecture, FileNotFoundError) as exc:  # every message names its fix
+    except (UserError, FileNotFoundError) as exc:  # every message names its fix
         print(f"cca-ray: error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,10 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cca_ray.errors import UserError
+
 BUILTIN = "builtin"  # data.path / model.name value meaning "the project's own tiny world"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that does not validate; one line per bad field."""
 
 

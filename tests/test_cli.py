@@ -31,6 +31,25 @@ def test_help_lists_the_commands():
     assert "instantiate" in run("data", "--help").stdout
 
 
+def test_help_does_not_load_torch_and_every_user_error_is_caught():
+    code = ("import sys\nfrom cca_ray.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch loaded:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().endswith("torch loaded: False"), out[-300:]
+    from cca_ray.components import UnsupportedArchitecture
+    from cca_ray.config import ConfigError
+    from cca_ray.data.gsm_symbolic import DataError
+    from cca_ray.data.templates import TemplateError
+    from cca_ray.dcm import DCMError
+    from cca_ray.errors import UserError
+    from cca_ray.localize import LocalizationError
+    from cca_ray.update import UpdateError
+
+    for cls in (ConfigError, DataError, TemplateError, LocalizationError, DCMError, UpdateError,
+                UnsupportedArchitecture):
+        assert issubclass(cls, UserError), cls  # what main() prints as `cca-ray: error: ...`
+
+
 def test_instantiate_and_split_builtin(tmp_path):
     out = tmp_path / "p.jsonl"
     proc = run("data", "instantiate", "--templates", "builtin", "--per-template", "10",

@@ -1,6 +1,6 @@
 """The real-model run's data: the everyday 'basic' templates (committed files = generator, every
 template instantiates, answers are right), the template filter's lower bound, and the local
-arithmetic-free general suites (well-formed, found by lm-eval)."""
+arithmetic-free general suites (well-formed, found by lm-eval without indexing its own tasks)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from cca_ray.data.template_filter import select_templates
 from cca_ray.data.template_parsing import load_templates
 from cca_ray.data.templates import instantiate_templates
 from cca_ray.evaluate.facts import TASKS, fact_rows, write_fact_tasks
+from cca_ray.evaluate.general import task_manager
 
 
 def test_committed_basic_templates_equal_the_generator():
@@ -58,8 +59,9 @@ def test_fact_suites_are_well_formed_and_found_by_lm_eval(tmp_path):
         assert r["choices"][r["answer"]] == t["answer"]
     assert all(r["mc1_targets"]["labels"] == [1, 0] for r in rows["facts_truthful"])
     assert fact_rows() == rows  # seeded
-    from lm_eval.tasks import TaskManager
-
     tasks = write_fact_tasks(tmp_path)
-    manager = TaskManager(include_path=str(tasks))
+    manager = task_manager(list(TASKS), tasks)
     assert set(TASKS) <= set(manager.all_tasks)
+    assert "mmlu" not in manager.all_tasks  # the folder alone: lm-eval's own ~15,000 not indexed
+    mixed = task_manager([*TASKS, "mmlu"], tasks)  # a task outside the folder: both indexed
+    assert set(TASKS) | {"mmlu"} <= set(mixed.all_tasks)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from cca_ray.errors import UserError
+
 KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 HEAD_KINDS: tuple[str, ...] = ("q", "k", "v")
 
@@ -16,7 +18,7 @@ HEAD_KINDS: tuple[str, ...] = ("q", "k", "v")
 LAYOUTS: tuple[str, ...] = ("flat", "bshd", "bhsd")
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UserError, ValueError):
     """A model_type with no row in the adapter table."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cca_ray.data.answers import parse_gold
+from cca_ray.errors import UserError
 
 HUB_DATASET = "apple/GSM-Symbolic"
 HUB_CONFIGS = ("main", "p1", "p2")
@@ -16,7 +17,7 @@ FIELDS = ("id", "instance", "question", "answer", "original_id", "original_quest
           "original_answer", "canary")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, line and field at fault."""
 
 

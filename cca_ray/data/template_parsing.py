@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cca_ray.errors import UserError
+
 SECTION = re.compile(r"^[ \t]*#(init|conditions|answer)[ \t]*[:=]", re.MULTILINE)
 QUESTION_SLOT = re.compile(r"\{([^{}]*)\}")
 IDENT = re.compile(r"[A-Za-z_]\w*$")
 DOLLAR_NAME = re.compile(r"\$(?=[A-Za-z_])")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template that cannot be parsed or instantiated; the message names template and line."""
 
 

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from cca_ray.components import KINDS, ComponentSpace, component_space, scaled
 from cca_ray.dcm.batches import Example, PrefixCache, full_logits, logit_difference
+from cca_ray.errors import UserError
 
 log = logging.getLogger("cca_ray")
 
 
-class DCMError(RuntimeError):
+class DCMError(UserError, RuntimeError):
     """DCM cannot give a usable mask (NaN loss, nothing selected, no examples)."""
 
 

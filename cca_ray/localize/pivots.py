@@ -7,12 +7,13 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from cca_ray.errors import UserError
 from cca_ray.sampling.traces import Trace
 
 METHODS = ("prefix", "branching", "branching-batched", "branching-bisect")
 
 
-class LocalizationError(RuntimeError):
+class LocalizationError(UserError, RuntimeError):
     """Localisation cannot give a usable set (no contrasting traces, too few examples)."""
 
 

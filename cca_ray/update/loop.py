@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 import torch
 from tqdm import tqdm
 
+from cca_ray.errors import UserError
 from cca_ray.sampling.weights import WeightUpdate
 
 log = logging.getLogger("cca_ray")
@@ -19,7 +20,7 @@ log = logging.getLogger("cca_ray")
 S = TypeVar("S")  # a snapshot: row deltas (targeted update) or name -> weight (whole-parameter baselines)
 
 
-class UpdateError(RuntimeError):
+class UpdateError(UserError, RuntimeError):
     """The update cannot go on (NaN loss, nothing to train)."""
 
 
