@@ -136,6 +136,32 @@ def test_tune_search_keeps_the_smallest_circuit(tiny_run):
     _check_circuit(circuit)
 
 
+def test_each_model_and_task_searches_from_its_own_seed():
+    """One seed for every search made each (model, task) try the same second point; mixed with their
+    names, the eight searches' seeds differ, and so do Optuna's proposals after the centres."""
+    from cca_ray.circuits.config import CircuitsConfig
+    from cca_ray.circuits.search import search_seed, search_space
+    from cca_ray.circuits.tasks import TASKS
+    from cca_ray.ray_base import search_algorithm
+
+    seeds = {(v, t): search_seed(0, v, t) for v in ("sparse", "dense") for t in TASKS}
+    assert len(set(seeds.values())) == len(seeds) == 8
+    quote_seed = seeds["sparse", TASKS[0]]
+    assert search_seed(0, "sparse", TASKS[0]) == quote_seed != search_seed(1, "sparse", TASKS[0])
+    c = CircuitsConfig()
+    centres = {k: getattr(c.prune, k) for k in c.search.space}
+
+    def proposals(seed: int) -> list[dict]:
+        alg = search_algorithm("optuna", seed, [centres])
+        alg.set_search_properties("objective", "min", search_space(c))
+        return [alg.suggest(f"t{i}") for i in range(2)]
+
+    quote, brackets = proposals(seeds["sparse", TASKS[0]]), proposals(seeds["sparse", TASKS[1]])
+    assert quote[0] == brackets[0] == centres  # the first trial: the config's values
+    assert quote[1] != brackets[1]
+    assert proposals(seeds["sparse", TASKS[0]]) == quote  # reproducible
+
+
 # ---- stages: a changed setting recomputes exactly what depends on it ------------------------------
 
 ONE = {**TINY, "variants": [{"name": "sparse", "l0_target": 0.25}]}

@@ -167,6 +167,30 @@ def test_cleanup_never_returns_a_circuit_that_fails_on_held_out_pairs():
     assert locations == {"L0.mlp": 2}
 
 
+def test_cleanup_is_judged_after_the_necessity_repair():
+    """Validation accepts any circuit holding a; the held-out check also wants necessity, which needs
+    the model's other route d. The cleaned circuit [a] lacks it and is reverted when judged as it is;
+    judged after the repair (which adds d), the cleaned circuit passes and is kept: [a, d]."""
+    nodes = [("L0.mlp", i) for i in range(3)]  # a, b, c
+    d = ("L0.mlp", 3)
+
+    def passes_val(c):
+        return nodes[0] in c
+
+    def passes_test(c):
+        return nodes[0] in c and d in c
+
+    def repair(c):
+        return c if d in c else [*c, d]
+
+    circuit, what = confirmed_cleanup(nodes, passes_val, passes_test)
+    assert circuit == nodes and what.startswith("reverted")
+    circuit, what = confirmed_cleanup(nodes, passes_val, passes_test, repair)
+    assert circuit == [nodes[0], d] and what == "removed 2 nodes"
+    circuit, what = confirmed_cleanup([nodes[0]], passes_val, passes_test, repair)
+    assert circuit == [nodes[0], d] and what == "nothing to remove"
+
+
 def test_tied_qk_masks_keep_or_drop_q_and_k_channels_together():
     from test_circuits import SPEC
 

@@ -157,7 +157,7 @@ class SearchSection(Section):
     space: dict[str, Range] = Field(default_factory=_default_space)
     trial: Resources = Field(default_factory=lambda: Resources(num_cpus=1, threads=1),
                              description="each trial's Ray resources; threads (default 1) pins its results")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="mixed with each (model, task)'s names: their searches differ")
     loggers: LoggersSection = Field(default_factory=LoggersSection)
 
     @model_validator(mode="after")

@@ -367,7 +367,8 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
     train_masks when the final one misses), on calibrated validation loss (scale capped at
     s.max_scale), then (s.cleanup) greedy removal, each removal screened on the first
     s.cleanup_screen_pairs validation pairs and decided on all of them, the cleaned circuit kept only
-    if it passes on held-out pairs; sufficiency and necessity judged on the held-out (test) pairs with
+    if it passes on held-out pairs after the necessity repair (s.necessity_repair), which grows a
+    circuit the model can route around; sufficiency and necessity judged on the held-out (test) pairs with
     validation's calibration."""
     locations = model.node_locations()
     n_kept = _kept(taus)
@@ -403,6 +404,15 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
                  loss)
         return {**result, "reached": False, "n_nodes": None, "keep": None, "task_loss": loss,
                 "seconds": time.perf_counter() - start}
+    routes: dict[tuple, str] = {}  # circuit after the necessity repair -> what the repair did
+
+    def repaired(c: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        if not s.necessity_repair:
+            return c
+        grown, what = _with_other_routes(model, means, val, c, s)
+        routes[tuple(grown)] = what
+        return grown
+
     nodes, cleanup = order[:k], "off"
     if s.cleanup:
         screen = (_rows(val, torch.arange(2 * s.cleanup_screen_pairs))
@@ -421,12 +431,11 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
             j = judged(c)
             return j["sufficient"] and j["necessary"]
 
-        nodes, cleanup = confirmed_cleanup(nodes, passes_val, passes_test)
-    routes = "off"
-    if s.necessity_repair:
-        nodes, routes = _with_other_routes(model, means, val, nodes, s)
+        nodes, cleanup = confirmed_cleanup(nodes, passes_val, passes_test, repaired)
+    else:
+        nodes = repaired(nodes)
     return {**result, "reached": True, "n_nodes": len(nodes), "bisection_nodes": k, "cleanup": cleanup,
-            "other_routes": routes,
+            "other_routes": routes.get(tuple(nodes), "off"),
             "val_loss_calibrated": calibrated(nodes)[0], **judged(nodes),
             "validation_evaluations": len(cache), "seconds": time.perf_counter() - start}
 

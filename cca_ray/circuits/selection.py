@@ -108,15 +108,20 @@ def greedy_cleanup(nodes: list[Node], passes: Callable[[list[Node]], bool]) -> l
 
 
 def confirmed_cleanup(nodes: list[Node], passes_val: Callable[[list[Node]], bool],
-                      passes_test: Callable[[list[Node]], bool]) -> tuple[list[Node], str]:
+                      passes_test: Callable[[list[Node]], bool],
+                      finish: Callable[[list[Node]], list[Node]] | None = None) -> tuple[list[Node], str]:
     """The cleaned circuit if it passes on held-out pairs, else the circuit before cleanup: never one
-    that fails the held-out check when the uncleaned one passes. Returns (circuit, what happened)."""
+    that fails the held-out check when the uncleaned one passes. ``finish`` (e.g. the necessity
+    repair) completes a circuit before that check, so a cleaned circuit the repair can make necessary
+    is not reverted for lacking necessity. Returns (circuit, what happened)."""
+    finish = finish or (lambda c: c)
     cleaned = greedy_cleanup(nodes, passes_val)
     if len(cleaned) == len(nodes):
-        return nodes, "nothing to remove"
-    if passes_test(cleaned):
-        return cleaned, f"removed {len(nodes) - len(cleaned)} nodes"
-    return nodes, f"reverted: the cleaned circuit ({len(cleaned)} nodes) failed on held-out pairs"
+        return finish(nodes), "nothing to remove"
+    done = finish(cleaned)
+    if passes_test(done):
+        return done, f"removed {len(nodes) - len(cleaned)} nodes"
+    return finish(nodes), f"reverted: the cleaned circuit ({len(done)} nodes) failed on held-out pairs"
 
 
 def grow_until_necessary(circuit: list[Node], ablated_loss: Callable[[list[Node]], float],
