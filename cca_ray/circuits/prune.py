@@ -381,9 +381,14 @@ def _prune_calibrated(model: SparseGPT, means: dict[str, torch.Tensor], val: Tas
             cache[key] = calibrated_loss(d, val.label, s.max_scale, s.lbfgs_steps)
         return cache[key]
 
+    verdicts: dict[tuple, dict] = {}  # the cleanup's held-out check and the result judge the same circuit
+
     def judged(nodes: list[tuple[str, int]]) -> dict:
-        _, scale, shift = calibrated(nodes)
-        return _judged(model, means, keep_of(nodes, locations), test, s, scale, shift, taus)
+        key = tuple(sorted(nodes))
+        if key not in verdicts:
+            _, scale, shift = calibrated(nodes)
+            verdicts[key] = _judged(model, means, keep_of(nodes, locations), test, s, scale, shift, taus)
+        return verdicts[key]
 
     goal = s.selection_margin * s.target_loss  # stricter on validation, so the circuit holds on test
     total = sum(locations.values())
