@@ -51,7 +51,7 @@ class ModelSection(Section):
 
 
 class TrainSection(Section):
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(4000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-2, gt=0)
     embed_l0_factor: float = Field(1.0, ge=1, description="embeddings keep min(1, this x L0)")
