@@ -112,16 +112,38 @@ def test_prune_before_training_names_the_fix(tmp_path, capsys):
     assert rc == 2 and "cca-ray circuits train" in capsys.readouterr().err
 
 
-def test_tune_search_keeps_the_smallest_circuit(tiny_run):
+def _searched(out) -> dict:
+    """What a search decides per model: its circuit, and each trial's params and objective."""
+    found = {}
+    for variant in ("sparse", "dense"):
+        d = out / "circuits" / variant / "single_double_quote"
+        c = json.loads((d / "circuit.json").read_text())
+        # each search ran its own model's trials (concurrent searches sharing a trainable's name did not)
+        assert {json.loads(t.read_text())["variant"] for t in (d / "trials").glob("*.json")} == {variant}
+        found[variant] = {"nodes": c["n_nodes"], "edges": c["edges"], "task_loss": c["task_loss"],
+                          "trials": sorted((json.dumps(t["params"], sort_keys=True), t["objective"])
+                                           for t in c["trials"])}
+    return found
+
+
+def test_tune_search_keeps_the_smallest_circuit(tiny_run, tmp_path):
     import ray
 
     cfg, out, _ = tiny_run
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        rc = main(["circuits", "prune", "--out", str(out), "--variant", "sparse", "--force", "--quiet"])
+    try:  # both models' searches at once (Ray tasks sharing the 2 CPUs), then one after the other
+        rc = main(["circuits", "prune", "--out", str(out), "--force", "--quiet"])
+        together = _searched(out)
+        one_at_a_time = tmp_path / "one.yaml"
+        alone = {**TINY, "search": {**TINY["search"], "max_concurrent_searches": 1}}
+        one_at_a_time.write_text(yaml.safe_dump(alone))
+        rc_alone = main(["circuits", "prune", "--config", str(one_at_a_time), "--out", str(out), "--force",
+                         "--quiet"])
     finally:
         ray.shutdown()
-    assert rc == 0
+    assert rc == rc_alone == 0
+    assert "pruning 2 (model, task) searches as concurrent Ray tasks" in (out / "run.log").read_text()
+    assert _searched(out) == together  # pinned trials: the same circuits however the searches share CPUs
     d = out / "circuits" / "sparse" / "single_double_quote"
     circuit = json.loads((d / "circuit.json").read_text())
     trials = circuit["trials"]

@@ -70,7 +70,7 @@ class Artifacts:
         when the hyperparameters are searched (a trial's CPUs and GPUs change speed, not results), and
         the threads any pruning runs with (search.trial.threads, unset: 1), which change results."""
         c = self.c
-        search = c.search.model_dump(exclude={"trial"}) if searched else None
+        search = c.search.model_dump(exclude={"trial", "max_concurrent_searches"}) if searched else None
         return stage_key("circuits-prune", self.means_key(variant), c.prune.model_dump(), task, search,
                          self.trial_threads)
 

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune (with the Tune search unless --no-search) each (variant, task) into OUT/circuits."""
     from cca_ray.circuits.report import summarize
-    from cca_ray.circuits.run import prune_circuit
+    from cca_ray.circuits.run import prune_all, pruned
 
     a = _setup(args)
     names = args.variant or [v.name for v in a.c.variants]
@@ -63,17 +63,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     search = not args.no_search
     if search:
         _ray(args)
-    for n in names:
-        for task in tasks:
-            exists = a.store.meta(f"prune-{n}-{task}", a.prune_key(n, task, search)) is not None
-            if exists and not args.force:
-                print(f"{n}/{task}: circuit exists (--force to prune again)")
-            ci = prune_circuit(a, n, task, search, progress=not args.quiet, force=args.force)
-            if exists and not args.force:
-                continue
-            size = (f"{ci['n_nodes']} nodes, {ci['n_edges']} edges, task loss {ci['task_loss']:.3f}"
-                    if ci["reached"] else "target loss not reached")
-            print(f"{n}/{task}: {size}")
+    pairs = [(n, task) for n in names for task in tasks]
+    existed = {p for p in pairs if pruned(a, *p, search) and not args.force}
+    for n, task in pairs:
+        if (n, task) in existed:
+            print(f"{n}/{task}: circuit exists (--force to prune again)")
+    circuits = prune_all(a, pairs, search, progress=not args.quiet, force=args.force)
+    for (n, task), ci in circuits.items():
+        if (n, task) in existed:
+            continue
+        size = (f"{ci['n_nodes']} nodes, {ci['n_edges']} edges, task loss {ci['task_loss']:.3f}"
+                if ci["reached"] else "target loss not reached")
+        print(f"{n}/{task}: {size}")
     summarize(a)
     return 0
 

@@ -152,7 +152,9 @@ class SearchSection(Section):
     circuit size among trials that reach the target loss (the first trial is the paper's centres)."""
 
     num_samples: int = Field(2, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1, description="trials of one (model, task) at a time")
+    max_concurrent_searches: int = Field(8, ge=1, description="(model, task) searches at a time, their "
+                                         "trials sharing the CPUs (speed only: not in any stage key)")
     search: str = Field("optuna", pattern="^(optuna|random)$")
     space: dict[str, Range] = Field(default_factory=_default_space)
     trial: Resources = Field(default_factory=lambda: Resources(num_cpus=1, threads=1),

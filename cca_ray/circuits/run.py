@@ -86,6 +86,13 @@ def prune_circuit(a: Artifacts, variant: str, task: str, search: bool, progress:
                   force: bool = False) -> dict:
     """One (model, task): its pruning (Tune search unless ``search`` is False) and its circuit,
     each reused when its stage exists (``force``: prune again), then copied to OUT/circuits/."""
+    path, meta = _prune_stage(a, variant, task, search, progress, force)
+    return _circuit(a, variant, task, path, meta)
+
+
+def _prune_stage(a: Artifacts, variant: str, task: str, search: bool, progress: bool = True,
+                 force: bool = False) -> tuple[Path, dict]:
+    """The pruning stage of one (model, task), reused when it exists (``force``: prune again)."""
     a.model_dir(variant)  # a clear error before any stage when the model is not trained
     name, key = f"prune-{variant}-{task}", a.prune_key(variant, task, search)
     if force:
@@ -101,8 +108,67 @@ def prune_circuit(a: Artifacts, variant: str, task: str, search: bool, progress:
                 "reached": bool(result.get("reached")), "n_nodes": result.get("n_nodes"),
                 "result_sha": hashlib.sha256((tmp / "result.json").read_bytes()).hexdigest()}
 
-    path, meta = a.store.run(name, key, compute)
-    return _circuit(a, variant, task, path, meta)
+    return a.store.run(name, key, compute)
+
+
+def pruned(a: Artifacts, variant: str, task: str, search: bool) -> bool:
+    """Whether this (model, task)'s pruning stage is finished."""
+    return a.store.meta(f"prune-{variant}-{task}", a.prune_key(variant, task, search)) is not None
+
+
+def prune_all(a: Artifacts, pairs: list[tuple[str, str]], search: bool, progress: bool = True,
+              force: bool = False) -> dict[tuple[str, str], dict]:
+    """Every (model, task) of ``pairs``, pruned and drawn; returns their circuits.
+
+    With the Tune search and Ray up, the searches run as concurrent Ray tasks (at most
+    search.max_concurrent_searches), so their trials share the cluster's CPUs: one search's slow
+    trial no longer leaves a CPU idle until it ends, and on a cluster every (model, task) searches at
+    once. Each trial is pinned (one process, fixed threads), so the circuits are the same as one
+    search after another. A failed search does not stop the others; the first failure is raised
+    once all have ended (every finished stage is kept)."""
+    import ray
+
+    todo = [p for p in pairs if force or not pruned(a, *p, search)]
+    limit = a.c.search.max_concurrent_searches
+    if search and len(todo) > 1 and limit > 1 and ray.is_initialized():
+        from tqdm.auto import tqdm
+
+        # the denser a model, the more nodes its pruning bisects and cleans up: its searches start first,
+        # so that no long search is left running alone at the end (longest first)
+        todo.sort(key=lambda p: -a.c.variant(p[0]).l0_target)
+        for v in dict.fromkeys(v for v, _ in todo):
+            a.load(v)  # each model's means once, before its searches read them
+        job = ray.remote(num_cpus=0, max_retries=0)(_prune_task)
+        config, out = a.c.model_dump(mode="json"), str(a.out)
+        log.info("pruning %d (model, task) searches as concurrent Ray tasks, %d at a time", len(todo), limit)
+        waiting, running, errors = list(todo), {}, []
+        bar = tqdm(total=len(todo), desc="Tune searches", disable=not progress)
+        while waiting or running:
+            while waiting and len(running) < limit:
+                v, t = waiting.pop(0)
+                running[job.remote(config, out, v, t, force)] = (v, t)
+            done, _ = ray.wait(list(running), num_returns=1)
+            v, t = running.pop(done[0])
+            try:
+                meta = ray.get(done[0])
+                log.info("%s/%s: search done, %s nodes (target reached: %s)", v, t, meta.get("n_nodes"),
+                         meta.get("reached"))
+            except Exception as exc:  # the others go on; raised once all have ended
+                log.error("%s/%s: search failed: %s", v, t, exc)
+                errors.append(exc)
+            bar.update(1)
+        bar.close()
+        if errors:
+            raise errors[0]
+        force = False  # every stage of todo is fresh now
+    return {(v, t): prune_circuit(a, v, t, search, progress, force) for v, t in pairs}
+
+
+def _prune_task(config: dict, out: str, variant: str, task: str, force: bool) -> dict:
+    """A Ray task: one (model, task)'s searched pruning stage; returns its meta."""
+    setup_logging(out, stdout=False)
+    a = Artifacts(CircuitsConfig.model_validate(config), out)
+    return _prune_stage(a, variant, task, True, progress=False, force=force)[1]
 
 
 def _circuit(a: Artifacts, variant: str, task: str, prune_path: Path, prune_meta: dict,
@@ -173,9 +239,7 @@ def run_all(a: Artifacts, search: bool = True, progress: bool = True) -> dict:
     check_out(a.c, a.out)
     start = time.perf_counter()
     train_all(a, [v.name for v in a.c.variants], progress)
-    for v in a.c.variants:
-        for task in a.c.tasks:
-            prune_circuit(a, v.name, task, search, progress)
+    prune_all(a, [(v.name, t) for v in a.c.variants for t in a.c.tasks], search, progress)
     a.bridges(progress)
     summary = summarize(a)
     summary["seconds"] = time.perf_counter() - start

@@ -47,6 +47,18 @@ def _trial(params: dict, *, config: dict, out: str, variant: str, task: str, tri
                  "trial_id": trial_id})
 
 
+def named_trial(variant: str, task: str):
+    """_trial under a name of its own per (model, task): Tune registers trainables, and
+    with_parameters its objects, job-wide by name, so concurrent searches sharing one name would run
+    each other's trials (every trial of 8 concurrent searches pruned the same task, seen once)."""
+
+    def run(params: dict, **kwargs) -> None:
+        _trial(params, **kwargs)
+
+    run.__name__ = run.__qualname__ = f"circuits_trial_{variant}_{task}"
+    return run
+
+
 def _row(m: dict, config: dict) -> dict:
     return {"params": config, "objective": m.get("objective"), "n_nodes": m.get("n_nodes"),
             "reached": m.get("reached"), "task_loss": m.get("task_loss")}
@@ -64,8 +76,8 @@ def search_circuit(a: Artifacts, variant: str, task: str, trials: Path,
     s = c.search
     centres = {k: getattr(c.prune, k) for k in s.space}
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, config=c.model_dump(mode="json"), out=str(out), variant=variant,
-                             task=task, trials=str(Path(trials).resolve())),
+        tune.with_parameters(named_trial(variant, task), config=c.model_dump(mode="json"), out=str(out),
+                             variant=variant, task=task, trials=str(Path(trials).resolve())),
         {"cpu": s.trial.num_cpus, "gpu": s.trial.num_gpus})
     # one experiment per pruning stage: a changed config never mixes with an earlier search's trials
     name = f"circuits-{variant}-{task}-{a.prune_key(variant, task, searched=True)}"
