@@ -135,12 +135,17 @@ def test_heaviside_forward_and_surrogate_gradient():
 
 def test_scored_logits_by_length_groups_equal_the_whole_forward_pass_and_its_gradient():
     """last_logits runs rows in groups of similar length, each cut after its longest scored position,
-    and returns them in the rows' order: the same logits, and the same gradient for the gates, as one
-    forward pass over the full width (rows of mixed lengths, a row subset in shuffled order)."""
+    with the last block's queries, attention output and MLP only at the scored positions, and returns
+    them in the rows' order: the same logits, and the same gradient for the gates of every node
+    location, as one forward pass over the full width (rows of mixed lengths, a row subset in shuffled
+    order, sinks with nonzero logits so a wrong causal mask or sink slot would show)."""
     from cca_ray.circuits.prune import last_logits
 
     torch.manual_seed(0)
     model = SparseGPT(SPEC)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.sink.normal_()
     g = torch.Generator().manual_seed(1)
     n = 24
     tokens, last = torch.randint(1, 40, (n, 16), generator=g), torch.randint(2, 16, (n,), generator=g)
@@ -148,12 +153,13 @@ def test_scored_logits_by_length_groups_equal_the_whole_forward_pass_and_its_gra
                       correct=torch.ones(n, dtype=torch.long), alternative=torch.full((n,), 2),
                       label=torch.ones(n), token_a=1, token_b=2, name="mixed")
     rows = torch.tensor([17, 3, 3, 22, 0, 9, 11])
+    start = {name: 0.5 + 0.5 * torch.rand(d, generator=g) for name, d in model.node_locations().items()}
     for pick in (None, rows):
         tokens, last = (batch.tokens, batch.last) if pick is None else (batch.tokens[pick], batch.last[pick])
         grads = []
         for run in ("whole", "grouped"):
-            gate = torch.ones(SPEC.d_mlp, requires_grad=True)
-            model.node_fn = lambda name, x, gate=gate: x * gate if name == "L0.mlp" else x
+            gates = {name: v.clone().requires_grad_(True) for name, v in start.items()}
+            model.node_fn = lambda name, x, gates=gates: x * gates[name]
             if run == "whole":
                 logits = model(tokens)[torch.arange(len(last)), last]
                 whole = logits.detach()
@@ -161,8 +167,10 @@ def test_scored_logits_by_length_groups_equal_the_whole_forward_pass_and_its_gra
                 logits = last_logits(model, batch, pick, buckets=4)
                 torch.testing.assert_close(logits.detach(), whole, rtol=1e-5, atol=1e-5)
             (logits[:, 1] - logits[:, 2]).pow(2).sum().backward()
-            grads.append(gate.grad)
-        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+            grads.append({name: v.grad for name, v in gates.items()})
+        assert all(grads[0][name].abs().sum() > 0 for name in start)  # every location matters here
+        for name in start:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
     model.node_fn = None
 
 
